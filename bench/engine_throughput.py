@@ -1,0 +1,212 @@
+"""Offline throughput: splitserve's engine against naive static batching.
+
+Both run in this process, one after the other, on the same model, dtype and
+requests:
+
+(a) baseline: transformers `generate`, static batches of 8 in arrival order;
+    each batch runs until its longest request is done, and only each
+    request's own tokens are counted;
+(b) splitserve: every request submitted at once to the engine (paged KV,
+    iteration-level scheduling, chunked prefill).
+
+Requests: prompts of ~128 random tokens, output lengths drawn with a fixed
+seed from the seed workload's {32, 40, 50, 64, 80, 96, 200, 512}, each exact
+(EOS ignored).
+
+Also reported: the engine's average running batch, and the share of engine
+wall time spent outside the model's forward pass (scheduling, input
+preparation, sampling, Python), overall and in a steady phase at batch 64.
+
+    python bench/engine_throughput.py                 # small preset, bf16
+    python bench/engine_throughput.py --num-requests 64 --model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import LLM
+
+OUTPUT_LENGTHS = (32, 40, 50, 64, 80, 96, 200, 512)
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @classmethod
+    def seeded(cls, n: int, vocab: int, prompt_len: int, seed: int) -> Workload:
+        rng = random.Random(seed)
+        # Avoid the special ids at the bottom of the vocabulary.
+        prompts = [
+            [rng.randrange(16, vocab) for _ in range(prompt_len + rng.randrange(-8, 9))]
+            for _ in range(n)
+        ]
+        return cls(prompts, [rng.choice(OUTPUT_LENGTHS) for _ in range(n)])
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def run_static_baseline(model_dir: str, w: Workload, dtype: torch.dtype, batch: int) -> float:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    pad = 0
+    t0 = time.perf_counter()
+    for start in tqdm(range(0, len(w.prompts), batch), desc="baseline", unit="batch"):
+        prompts = w.prompts[start : start + batch]
+        longest_out = max(w.output_lens[start : start + batch])
+        width = max(len(p) for p in prompts)
+        # Left padding, as decoder-only generation requires.
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=longest_out,
+                min_new_tokens=longest_out,
+                pad_token_id=pad,
+            )
+    return time.perf_counter() - t0
+
+
+def run_engine(llm: LLM, w: Workload) -> dict[str, float]:
+    from engine import SamplingParams
+
+    eng = llm.engine
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
+    stats0 = (
+        eng.scheduler.stats.num_steps,
+        eng.scheduler.stats.running_batch_sum,
+        eng.runner.timings.forward_s,
+    )
+    t0 = time.perf_counter()
+    outs = llm.generate(w.prompts, params)
+    elapsed = time.perf_counter() - t0
+    got = sum(len(o.token_ids) for o in outs)
+    assert got == w.output_tokens, (got, w.output_tokens)
+    steps = eng.scheduler.stats.num_steps - stats0[0]
+    forward = eng.runner.timings.forward_s - stats0[2]
+    return {
+        "seconds": elapsed,
+        "steps": steps,
+        "mean_running_batch": (eng.scheduler.stats.running_batch_sum - stats0[1]) / steps,
+        "outside_forward_share": 1 - forward / elapsed,
+        "preemptions": sum(o.num_preemptions for o in outs),
+    }
+
+
+def steady_overhead(llm: LLM, batch: int, steps: int, vocab: int) -> dict[str, float]:
+    """Share of step time outside the model forward, with `batch` requests decoding."""
+    from engine import SamplingParams
+
+    eng = llm.engine
+    rng = random.Random(1)
+    sp = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    reqs = [
+        eng.make_request([rng.randrange(16, vocab) for _ in range(128)], sp) for _ in range(batch)
+    ]
+    for r in reqs:
+        eng.add_request(r)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    f0, t0 = eng.runner.timings.forward_s, time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    elapsed = time.perf_counter() - t0
+    forward = eng.runner.timings.forward_s - f0
+    for r in reqs:
+        eng.abort_request(r.request_id)
+    return {
+        "batch": batch,
+        "step_ms": elapsed / steps * 1000,
+        "outside_forward_share": 1 - forward / elapsed,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", help="model directory (default: the built-in small model)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--static-batch", type=int, default=8)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--kv-cache-mib", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-baseline", action="store_true", help="engine figures only")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+
+    from engine.builtin_model import ensure_default_model
+
+    model_dir = args.model or str(ensure_default_model())
+    llm = LLM(
+        model_dir,
+        dtype=args.dtype,
+        kv_cache_bytes=args.kv_cache_mib * 2**20,
+        max_num_seqs=args.max_num_seqs,
+    )
+    vocab = llm.engine.model_config.vocab_size
+    w = Workload.seeded(args.num_requests, vocab, args.prompt_len, args.seed)
+    print(
+        f"{len(w.prompts)} requests, {w.output_tokens} output tokens, dtype {args.dtype}, "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+
+    # Warm up the engine (allocator, kernels) on a few requests first.
+    run_engine(llm, Workload(w.prompts[:4], [8] * 4))
+    engine = run_engine(llm, w)
+    engine_tps = w.output_tokens / engine["seconds"]
+    steady = steady_overhead(llm, batch=64, steps=32, vocab=vocab)
+    result = {
+        "workload": {"requests": len(w.prompts), "output_tokens": w.output_tokens},
+        "engine": {**engine, "tokens_per_s": engine_tps},
+        "steady_batch64": steady,
+    }
+    print(
+        f"engine:   {engine_tps:8.0f} tok/s  ({engine['seconds']:.1f}s, mean running batch "
+        f"{engine['mean_running_batch']:.1f}, {engine['preemptions']} preemptions, "
+        f"{engine['outside_forward_share'] * 100:.1f}% outside forward)"
+    )
+    print(
+        f"steady batch 64: {steady['step_ms']:.1f} ms/step, "
+        f"{steady['outside_forward_share'] * 100:.1f}% outside forward"
+    )
+    if not args.skip_baseline:
+        del llm  # free the engine's KV cache before the baseline runs
+        base_s = run_static_baseline(model_dir, w, getattr(torch, args.dtype), args.static_batch)
+        base_tps = w.output_tokens / base_s
+        result["baseline"] = {"seconds": base_s, "tokens_per_s": base_tps}
+        result["ratio"] = engine_tps / base_tps
+        print(
+            f"baseline: {base_tps:8.0f} tok/s  ({base_s:.1f}s, transformers generate, "
+            f"static batches of {args.static_batch})"
+        )
+        print(f"ratio:    {engine_tps / base_tps:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

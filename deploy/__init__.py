@@ -1,0 +1,1 @@
+"""Bringing splitserve up: the `splitserve` command line."""

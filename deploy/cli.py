@@ -1,0 +1,121 @@
+"""The `splitserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger("splitserve")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="splitserve",
+        description="LLM serving with prefill and decode on separate pools.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mk = sub.add_parser(
+        "make-model",
+        help="write a random-weight Llama-architecture model directory",
+        description="Write a Hugging Face model directory with random weights from a fixed "
+        "seed and a tokenizer trained offline. 'tiny' is for tests, 'small' (~58M "
+        "params) is the default model.",
+    )
+    mk.add_argument("dir", help="output directory (created; must not hold a model already)")
+    mk.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    mk.add_argument("--arch", choices=["llama", "mistral", "qwen2"], default="llama")
+    mk.add_argument("--seed", type=int, default=0)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate offline from one or more prompts",
+        description="Run the engine in this process and print each prompt's completion. "
+        "Without --model it uses the built-in default model, building it on first use.",
+    )
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--model", help="local Hugging Face model directory")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory (MiB)")
+    gen.add_argument("--max-num-seqs", type=int, default=64)
+    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    return p
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from engine.builtin_model import make_model
+
+    t0 = time.monotonic()
+    path = make_model(args.dir, preset=args.preset, arch=args.arch, seed=args.seed)
+    print(f"wrote {args.preset} {args.arch} model to {path} in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        kv_cache_bytes=args.kv_cache_mib * 2**20,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    t0 = time.monotonic()
+    outputs = llm.generate(args.prompts, params)
+    elapsed = time.monotonic() - t0
+    for out in outputs:
+        print(f"--- prompt: {out.prompt!r}")
+        print(out.text)
+        print(
+            f"--- {len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
+            f"ttft={out.ttft * 1000:.0f} ms"
+            if out.ttft is not None
+            else ""
+        )
+    total = sum(len(o.token_ids) for o in outputs)
+    print(f"{total} tokens in {elapsed:.2f}s ({total / elapsed:.0f} tok/s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    handlers = {"make-model": _make_model, "generate": _generate}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"splitserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The engine loop: schedule, run, post-process. Every worker role runs this."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger("splitserve")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None = None) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        self.max_model_len = config.resolved_max_model_len(self.model_config)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = self._eos_ids()
+        self.runner = ModelRunner(config, self.model_config)
+        self.block_pool = BlockPool(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.block_pool,
+        )
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._ids = itertools.count()
+        self._log_capacity()
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = list(self.model_config.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int) and tok_eos not in ids:
+            ids.append(tok_eos)
+        return tuple(ids)
+
+    def _log_capacity(self) -> None:
+        blocks, bs = self.block_pool.num_blocks, self.config.block_size
+        per_seq = self.block_pool.blocks_for_tokens(self.max_model_len)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB); %.1f sequences of "
+            "max_model_len %d fit at once",
+            blocks,
+            bs,
+            blocks * bs,
+            self.config.kv_cache_bytes / 2**20,
+            blocks / per_seq,
+            self.max_model_len,
+        )
+
+    # -- requests ----------------------------------------------------------------
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Tokenize and validate, without queueing (so a batch can be checked whole)."""
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            ids = self.tokenizer.encode(prompt)
+        else:
+            text = None
+            ids = list(prompt)
+            bad = [
+                t
+                for t in ids
+                if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size
+            ]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {self.model_config.vocab_size}); "
+                    f"got {bad[:5]}"
+                )
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the context length is {self.max_model_len}, "
+                "which leaves no room to generate"
+            )
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        if self.block_pool.blocks_for_tokens(longest) > self.block_pool.num_blocks:
+            raise ValueError(
+                f"the request may reach {longest} tokens but the whole KV cache holds "
+                f"{self.block_pool.num_blocks * self.config.block_size}; raise kv_cache_bytes "
+                "or lower max_tokens"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, ids, params)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        self._prompts[rid] = text
+        return req
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        if request.sampling_params.stop:
+            self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort_request(request_id)
+        if req is None:
+            return None
+        return self._finalize(req, time.monotonic())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop --------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: returns the requests that finished in it."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        samples = self.runner.execute(sched.scheduled)
+        now = time.monotonic()
+        for s, sample in zip(sched.scheduled, samples, strict=True):
+            if sample is not None and s.request.first_token_time is None:
+                s.request.first_token_time = now
+        finished = self.scheduler.update(sched, samples, self.eos_token_ids)
+        for s, sample in zip(sched.scheduled, samples, strict=True):
+            req = s.request
+            detok = self._detok.get(req.request_id)
+            if sample is None or detok is None:
+                continue
+            new = detok.push(sample[0])
+            if req.is_finished or not new:
+                continue
+            hit = find_stop(detok.text, len(new), req.sampling_params.stop)
+            if hit is not None:
+                detok.text = detok.text[: hit[0]]
+                req.stop_reason = hit[1]
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                finished.append(req)
+        return [self._finalize(req, now) for req in finished]
+
+    def _finalize(self, req: Request, now: float) -> RequestOutput:
+        req.finish_time = now
+        detok = self._detok.pop(req.request_id, None)
+        if detok is not None:
+            text = detok.text
+        else:
+            text = str(self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True))
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=self._prompts.pop(req.request_id, None),
+            prompt_token_ids=req.prompt_token_ids,
+            text=text,
+            token_ids=list(req.output_token_ids),
+            finish_reason=req.status.value,
+            stop_reason=req.stop_reason,
+            logprobs=list(req.output_logprobs)
+            if req.sampling_params.logprobs is not None
+            else None,
+            num_preemptions=req.num_preemptions,
+            arrival_time=req.arrival_time,
+            first_token_time=req.first_token_time,
+            finish_time=now,
+        )

@@ -1,0 +1,1 @@
+"""The Llama-family model with paged attention, and its loader."""

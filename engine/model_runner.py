@@ -1,0 +1,169 @@
+"""The model runner: owns the weights and the KV-cache tensors, turns a
+scheduled batch into tensors, runs the forward pass, samples.
+
+It makes no scheduling decision: it reads each scheduled request's tokens,
+start position and block table, and returns one sample (or None, for a
+prefill chunk that does not reach the end of the known tokens) per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine import sampler
+from engine.config import EngineConfig, ModelConfig
+from engine.model.llama import AttentionBatch, DecodeAttentionFn, PrefillChunk
+from engine.model.loader import load_model
+from engine.scheduler import ScheduledRequest
+
+log = logging.getLogger("splitserve")
+
+
+@dataclass(slots=True)
+class StepTimings:
+    """Seconds spent in this runner: the forward pass (with logits and
+    sampling) versus preparing inputs, summed over steps."""
+
+    forward_s: float = 0.0
+    prepare_s: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig) -> None:
+        self.device = engine_config.torch_device
+        self.dtype = engine_config.torch_dtype(model_config)
+        self.block_size = engine_config.block_size
+        self.max_model_len = engine_config.resolved_max_model_len(model_config)
+        self.model = load_model(model_config, self.dtype, self.device, self.max_model_len)
+        self.model.decode_attention = self._pick_decode_attention(engine_config.attention_backend)
+        self.num_blocks = engine_config.num_kv_blocks(model_config)
+        if self.num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_bytes={engine_config.kv_cache_bytes} is too small for one block "
+                f"({model_config.kv_bytes_per_token * self.block_size} bytes per element-byte)"
+            )
+        # Allocated and touched once: first touch of fresh pages is ~30x slower
+        # than a warm copy on these machines, so never allocate per request.
+        shape = (self.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(model_config.num_layers)
+        ]
+        self.timings = StepTimings()
+
+    def _pick_decode_attention(self, backend: str) -> DecodeAttentionFn:
+        """The decode-attention function: the Triton kernel on CUDA, the C
+        kernel on CPU (float32/bfloat16), the PyTorch path otherwise or when
+        asked for."""
+        from engine import attention
+
+        if backend == "auto":
+            if self.device.type == "cuda":
+                backend = "triton"
+            elif self.dtype in (torch.float32, torch.bfloat16):
+                backend = "cpu"
+            else:
+                backend = "torch"
+        if backend == "triton":
+            from engine import triton_attention
+
+            if triton_attention.triton_available():
+                return triton_attention.paged_decode_attention_triton
+            log.warning("triton is not installed: decode attention uses the PyTorch path")
+        elif backend == "cpu":
+            from engine import cpu_attention
+
+            if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError("attention_backend='cpu' needs a CPU device and float32/bfloat16")
+            if cpu_attention.available():
+                return cpu_attention.paged_decode_attention_cpu
+        return attention.paged_decode_attention
+
+    @torch.inference_mode()
+    def execute(
+        self, scheduled: Sequence[ScheduledRequest]
+    ) -> list[tuple[int, float | None] | None]:
+        t0 = time.perf_counter()
+        # Decode rows (one new token) first, prefill chunks after: the model
+        # runs all decode rows through one batched attention call.
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        bs = self.block_size
+        num_decode = 0
+        decode_tables: list[Sequence[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        logit_rows: list[int] = []  # flat index of the token whose logits are sampled
+        sampled_idx: list[int] = []  # which scheduled entry each logit row belongs to
+        for i in order:
+            s = scheduled[i]
+            req, n, table = s.request, s.num_new_tokens, s.block_table
+            start = req.num_computed_tokens
+            flat_start = len(input_ids)
+            input_ids += req.token_ids_slice(start, start + n)
+            if n == 1:
+                num_decode += 1
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                positions += range(start, start + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                prefills.append(
+                    PrefillChunk(
+                        flat_start,
+                        n,
+                        start,
+                        torch.tensor(table, dtype=torch.long, device=self.device),
+                    )
+                )
+            if s.completes_known_tokens:
+                logit_rows.append(flat_start + n - 1)
+                sampled_idx.append(i)
+
+        dev = self.device
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=num_decode,
+            decode_block_tables=_pad_tables(decode_tables, dev) if num_decode else None,
+            decode_context_lens=(
+                torch.tensor(decode_lens, dtype=torch.long, device=dev) if num_decode else None
+            ),
+            prefills=prefills,
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        t1 = time.perf_counter()
+
+        hidden = self.model(ids_t, pos_t, batch, self.kv_caches)
+        results: list[tuple[int, float | None] | None] = [None] * len(scheduled)
+        if logit_rows:
+            rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
+            logits = self.model.compute_logits(hidden[rows])
+            reqs = [scheduled[i].request for i in sampled_idx]
+            for i, sample in zip(sampled_idx, sampler.sample(logits, reqs), strict=True):
+                results[i] = sample
+        t2 = time.perf_counter()
+        self.timings.prepare_s += t1 - t0
+        self.timings.forward_s += t2 - t1
+        return results
+
+
+def _pad_tables(tables: list[Sequence[int]], device: torch.device) -> torch.Tensor:
+    # Padding points at block 0: those slots lie past each row's context
+    # length and are masked out, so any valid block id will do.
+    width = max(len(t) for t in tables)
+    return torch.tensor(
+        [list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device
+    )

@@ -1,0 +1,84 @@
+"""The request: the one object that crosses from the engine to the scheduler.
+
+The scheduler counts, per request, tokens *known* (prompt plus generated)
+against tokens *computed* (whose KV is in the cache). There is no prefill or
+decode phase: a request whose known tokens run ahead of its computed ones by
+many is prefilling; by one, it is decoding.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no blocks
+    RUNNING = "running"  # holds blocks, scheduled every step
+    PREEMPTED = "preempted"  # blocks taken back; will recompute from scratch
+    FINISHED_STOPPED = "stop"  # EOS, stop string or stop token
+    FINISHED_LENGTH = "length"  # max_tokens or the context length
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One generation request. Fields are set by the engine unless marked."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    # Set by the scheduler: tokens whose KV is in this request's blocks.
+    num_computed_tokens: int = 0
+    # Set by the scheduler.
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+    # Set by the engine when the first output token is produced / on finish.
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    stop_reason: int | str | None = None
+    # Per-request RNG for seeded sampling, so a seed reproduces the same tokens
+    # whatever else is in the batch. Created lazily by the sampler.
+    generator: torch.Generator | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens known: prompt plus generated."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Known tokens [start, end) across the prompt/output boundary."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
