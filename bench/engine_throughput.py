@@ -109,8 +109,9 @@ def run_engine(llm: LLM, w: Workload) -> dict[str, float]:
     }
 
 
-def steady_overhead(llm: LLM, batch: int, steps: int, vocab: int) -> dict[str, float]:
-    """Share of step time outside the model forward, with `batch` requests decoding."""
+def steady_step(llm: LLM, batch: int, steps: int, vocab: int) -> dict[str, float]:
+    """Time decode steps with `batch` requests running (prompts of 128 tokens):
+    ms per step and the share of step time outside the model's forward pass."""
     from engine import SamplingParams
 
     eng = llm.engine
@@ -139,6 +140,31 @@ def steady_overhead(llm: LLM, batch: int, steps: int, vocab: int) -> dict[str, f
     }
 
 
+def compare_steady(model_dir: str, vocab: int, batch: int, steps: int) -> dict[str, dict]:
+    """Side by side, interleaved twice: the defaults (bfloat16, C decode kernel)
+    against the PyTorch attention path and against float32."""
+    variants = {  # name: (dtype, attention backend)
+        "bfloat16+cpu-kernel": ("bfloat16", "cpu"),
+        "bfloat16+torch-attention": ("bfloat16", "torch"),
+        "float32+cpu-kernel": ("float32", "cpu"),
+    }
+    llms = {
+        name: LLM(
+            model_dir,
+            dtype=dtype,
+            attention_backend=backend,
+            kv_cache_bytes=512 * 2**20,
+            max_num_seqs=batch,
+        )
+        for name, (dtype, backend) in variants.items()
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for _ in range(2):
+        for name, llm in llms.items():
+            runs[name].append(steady_step(llm, batch, steps, vocab))
+    return {name: min(r, key=lambda x: x["step_ms"]) for name, r in runs.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,6 +178,7 @@ def main() -> int:
     ap.add_argument("--kv-cache-mib", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baseline", action="store_true", help="engine figures only")
+    ap.add_argument("--skip-steady", action="store_true", help="skip the batch-64 step comparisons")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
 
@@ -176,23 +203,27 @@ def main() -> int:
     run_engine(llm, Workload(w.prompts[:4], [8] * 4))
     engine = run_engine(llm, w)
     engine_tps = w.output_tokens / engine["seconds"]
-    steady = steady_overhead(llm, batch=64, steps=32, vocab=vocab)
-    result = {
+    result: dict = {
         "workload": {"requests": len(w.prompts), "output_tokens": w.output_tokens},
         "engine": {**engine, "tokens_per_s": engine_tps},
-        "steady_batch64": steady,
     }
     print(
         f"engine:   {engine_tps:8.0f} tok/s  ({engine['seconds']:.1f}s, mean running batch "
         f"{engine['mean_running_batch']:.1f}, {engine['preemptions']} preemptions, "
-        f"{engine['outside_forward_share'] * 100:.1f}% outside forward)"
+        f"{engine['outside_forward_share'] * 100:.1f}% outside forward)",
+        flush=True,
     )
-    print(
-        f"steady batch 64: {steady['step_ms']:.1f} ms/step, "
-        f"{steady['outside_forward_share'] * 100:.1f}% outside forward"
-    )
+    del llm  # free the engine's KV cache before the next runs
+    if not args.skip_steady:
+        steady = compare_steady(model_dir, vocab, batch=64, steps=24)
+        result["steady_batch64"] = steady
+        for name, r in steady.items():
+            print(
+                f"steady batch 64, {name:25s} {r['step_ms']:6.1f} ms/step, "
+                f"{r['outside_forward_share'] * 100:4.1f}% outside forward",
+                flush=True,
+            )
     if not args.skip_baseline:
-        del llm  # free the engine's KV cache before the baseline runs
         base_s = run_static_baseline(model_dir, w, getattr(torch, args.dtype), args.static_batch)
         base_tps = w.output_tokens / base_s
         result["baseline"] = {"seconds": base_s, "tokens_per_s": base_tps}

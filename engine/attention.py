@@ -66,20 +66,24 @@ def paged_decode_attention(
 
 def paged_prefill_attention(
     q: torch.Tensor,  # [L, num_heads, head_dim], the chunk's queries
+    k: torch.Tensor,  # [L, kv_heads, head_dim], the chunk's own keys
+    v: torch.Tensor,  # [L, kv_heads, head_dim]
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [n_blocks] int64, covering start + L tokens
+    block_table: torch.Tensor,  # [n_blocks] int64, covering at least the first `start` tokens
     start: int,  # tokens of this request already cached before the chunk
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of a prompt chunk at positions [start, start+L) over
-    everything cached so far (the chunk's own K/V must already be written)."""
+    """Causal attention of a prompt chunk at positions [start, start+L) over the
+    cached prefix and the chunk itself: [L, num_heads, head_dim]."""
     length, num_heads, _ = q.shape
     group = num_heads // k_cache.shape[2]
     total = start + length
-    k = gather_kv(k_cache, block_table[None])[0, :total]  # [T, kv_heads, D]
-    v = gather_kv(v_cache, block_table[None])[0, :total]
+    if start:
+        # A continued chunk: the prefix comes from the paged cache.
+        k = torch.cat((gather_kv(k_cache, block_table[None])[0, :start], k))
+        v = torch.cat((gather_kv(v_cache, block_table[None])[0, :start], v))
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)

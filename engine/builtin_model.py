@@ -397,7 +397,16 @@ def make_model(
         eos_token_id=special_ids["eos_token_id"],
         pad_token_id=special_ids["pad_token_id"],
     )
-    model.save_pretrained(out, safe_serialization=True)
+    # transformers draws a progress bar per save; a 1-file model needs none.
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
     n_params = sum(t.numel() for t in model.parameters())
     logger.info(

@@ -102,17 +102,20 @@ class LLM:
             engine.add_request(r)
         index = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
+        # None lets tqdm decide: a bar on a terminal, nothing in logs and pipes.
         bar = tqdm(
             total=len(requests),
             desc="generate",
             unit="req",
-            disable=not use_tqdm or len(requests) < 2,
+            disable=True if not use_tqdm or len(requests) < 2 else None,
             leave=False,
         )
+        remaining = len(requests)
         try:
-            while any(r is None for r in results) and engine.has_unfinished_requests():
+            while remaining and engine.has_unfinished_requests():
                 for out in engine.step():
                     results[index[out.request_id]] = out
+                    remaining -= 1
                     bar.update(1)
         finally:
             bar.close()

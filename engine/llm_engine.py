@@ -11,6 +11,7 @@ from typing import Any
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.model.loader import weight_files
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -25,11 +26,8 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.tokenizer = tokenizer
+        weight_files(self.model_config.path)  # fail on missing weights before anything loads
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
         self.eos_token_ids = self._eos_ids()
         self.runner = ModelRunner(config, self.model_config)
         self.block_pool = BlockPool(self.runner.num_blocks, config.block_size)
@@ -38,7 +36,6 @@ class LLMEngine:
             self.block_pool,
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
         self._log_capacity()
 
@@ -104,10 +101,9 @@ class LLMEngine:
                 "or lower max_tokens"
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(rid, ids, params)
+        req = Request(rid, ids, params, prompt=text)
         if arrival_time is not None:
             req.arrival_time = arrival_time
-        self._prompts[rid] = text
         return req
 
     def add_request(self, request: Request) -> None:
@@ -130,6 +126,12 @@ class LLMEngine:
         """One iteration: returns the requests that finished in it."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                # Cannot happen while make_request rejects what could never fit;
+                # fail loudly rather than spin.
+                raise RuntimeError(
+                    f"scheduler stalled: {self.block_pool}, {len(self.scheduler.waiting)} waiting"
+                )
             return []
         samples = self.runner.execute(sched.scheduled)
         now = time.monotonic()
@@ -143,12 +145,18 @@ class LLMEngine:
             if sample is None or detok is None:
                 continue
             new = detok.push(sample[0])
-            if req.is_finished or not new:
+            # A token that ended the request by EOS or a stop token adds no
+            # text worth matching; one that hit max_tokens still may.
+            if not new or req.status is RequestStatus.FINISHED_STOPPED:
                 continue
             hit = find_stop(detok.text, len(new), req.sampling_params.stop)
-            if hit is not None:
-                detok.text = detok.text[: hit[0]]
-                req.stop_reason = hit[1]
+            if hit is None:
+                continue
+            detok.text = detok.text[: hit[0]]
+            req.stop_reason = hit[1]
+            if req.is_finished:  # reached max_tokens too: the stop string wins, as in vLLM
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
                 self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
                 finished.append(req)
         return [self._finalize(req, now) for req in finished]
@@ -156,13 +164,13 @@ class LLMEngine:
     def _finalize(self, req: Request, now: float) -> RequestOutput:
         req.finish_time = now
         detok = self._detok.pop(req.request_id, None)
-        if detok is not None:
-            text = detok.text
+        if detok is not None and isinstance(req.stop_reason, str):
+            text = detok.text  # cut before the stop string
         else:
             text = str(self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True))
         return RequestOutput(
             request_id=req.request_id,
-            prompt=self._prompts.pop(req.request_id, None),
+            prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
             text=text,
             token_ids=list(req.output_token_ids),
@@ -176,3 +184,15 @@ class LLMEngine:
             first_token_time=req.first_token_time,
             finish_time=now,
         )
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types for a bad or missing tokenizer
+        raise ValueError(
+            f"could not load a tokenizer from {path} (expected tokenizer.json or the "
+            f"tokenizer files of the model): {e}"
+        ) from e

@@ -26,11 +26,12 @@ log = logging.getLogger("splitserve")
 
 @dataclass(slots=True)
 class StepTimings:
-    """Seconds spent in this runner: the forward pass (with logits and
-    sampling) versus preparing inputs, summed over steps."""
+    """Seconds spent in this runner, summed over steps: preparing input
+    tensors, the model's forward pass (with logits), and sampling."""
 
-    forward_s: float = 0.0
     prepare_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
 
 
 class ModelRunner:
@@ -148,15 +149,18 @@ class ModelRunner:
 
         hidden = self.model(ids_t, pos_t, batch, self.kv_caches)
         results: list[tuple[int, float | None] | None] = [None] * len(scheduled)
+        t2 = t3 = time.perf_counter()
         if logit_rows:
             rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
             logits = self.model.compute_logits(hidden[rows])
+            t2 = time.perf_counter()
             reqs = [scheduled[i].request for i in sampled_idx]
             for i, sample in zip(sampled_idx, sampler.sample(logits, reqs), strict=True):
                 results[i] = sample
-        t2 = time.perf_counter()
+            t3 = time.perf_counter()
         self.timings.prepare_s += t1 - t0
         self.timings.forward_s += t2 - t1
+        self.timings.sample_s += t3 - t2
         return results
 
 

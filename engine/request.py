@@ -42,6 +42,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    prompt: str | None = None  # the prompt's text, when it was given as text
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     # Set by the scheduler: tokens whose KV is in this request's blocks.

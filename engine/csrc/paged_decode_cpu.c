@@ -44,6 +44,17 @@ INLINE void store_bf16(uint16_t *p, int64_t i, float f) {
     p[i] = (uint16_t)(bits >> 16);
 }
 
+/* Blocks are scattered in memory, so the hardware prefetcher loses the
+ * stream at every block boundary: while a block's row t is consumed, row t
+ * of the next block is requested. */
+INLINE void prefetch_row(const void *p, int64_t bytes) {
+#ifdef SPLITSERVE_NO_PREFETCH
+    (void)p; (void)bytes;
+#else
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 0);
+#endif
+}
+
 #define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                  \
 INLINE void NAME##_impl(const T *q, const T *k_cache, const T *v_cache,                      \
                         const int64_t *block_tables, const int64_t *context_lens, T *out,   \
@@ -66,7 +77,9 @@ INLINE void NAME##_impl(const T *q, const T *k_cache, const T *v_cache,         
             const int64_t t0 = blk * BS;                                                     \
             const int64_t lo = t0 > first ? t0 : first, hi = t0 + BS < ctx ? t0 + BS : ctx;  \
             const T *kb = k_cache + table[blk] * BS * row;                                   \
+            const T *kn = (t0 + BS < ctx) ? k_cache + table[blk + 1] * BS * row : kb;        \
             for (int64_t t = lo; t < hi; t++) {                                              \
+                prefetch_row(kn + (t - t0) * row, row * (int64_t)sizeof(T));                 \
                 for (int64_t kvh = 0; kvh < KV; kvh++) {                                     \
                     const T *kr = kb + (t - t0) * row + kvh * D;                             \
                     for (int64_t d = 0; d < D; d++) wide[d] = LOAD(kr, d);                   \
@@ -94,7 +107,9 @@ INLINE void NAME##_impl(const T *q, const T *k_cache, const T *v_cache,         
             const int64_t t0 = blk * BS;                                                     \
             const int64_t lo = t0 > first ? t0 : first, hi = t0 + BS < ctx ? t0 + BS : ctx;  \
             const T *vb = v_cache + table[blk] * BS * row;                                   \
+            const T *vn = (t0 + BS < ctx) ? v_cache + table[blk + 1] * BS * row : vb;        \
             for (int64_t t = lo; t < hi; t++) {                                              \
+                prefetch_row(vn + (t - t0) * row, row * (int64_t)sizeof(T));                 \
                 for (int64_t kvh = 0; kvh < KV; kvh++) {                                     \
                     const T *vr = vb + (t - t0) * row + kvh * D;                             \
                     for (int64_t d = 0; d < D; d++) wide[d] = LOAD(vr, d);                   \

@@ -20,7 +20,7 @@ from torch import nn
 
 from engine import attention
 from engine.config import ModelConfig
-from engine.model.rope import RotaryEmbedding
+from engine.model.rope import RotaryEmbedding, apply_rotary
 
 DecodeAttentionFn = Callable[..., torch.Tensor]
 
@@ -58,7 +58,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
@@ -71,12 +71,11 @@ class Attention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
-        self.rope = rope
 
     def forward(
         self,
         x: torch.Tensor,  # [N, hidden]
-        positions: torch.Tensor,  # [N]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [N, 1, head_dim]
         batch: AttentionBatch,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         decode_attention: DecodeAttentionFn,
@@ -86,7 +85,7 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         k_cache, v_cache = kv_cache
         attention.write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
 
@@ -117,6 +116,8 @@ class Attention(nn.Module):
                 s, e = c.query_start, c.query_start + c.query_len
                 out[s:e] = attention.paged_prefill_attention(
                     q[s:e],
+                    k[s:e],
+                    v[s:e],
                     k_cache,
                     v_cache,
                     c.block_table,
@@ -140,24 +141,22 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         batch: AttentionBatch,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         decode_attention: DecodeAttentionFn,
     ) -> torch.Tensor:
-        h = x + self.self_attn(
-            self.input_layernorm(x), positions, batch, kv_cache, decode_attention
-        )
+        h = x + self.self_attn(self.input_layernorm(x), rope, batch, kv_cache, decode_attention)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -167,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -183,8 +182,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [N, hidden] (logits are computed only where needed)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.lookup(positions)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, batch, kv, self.decode_attention)
+            x = layer(x, rope, batch, kv, self.decode_attention)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

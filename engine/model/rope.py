@@ -68,13 +68,19 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos = self.cos.to(dtype)
         self.sin = self.sin.to(dtype)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [N, H, D], k: [N, KV, D], positions: [N] -> rotated q, k."""
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for each position: [N, 1, D] each, broadcast over heads.
+        Looked up once per forward pass and shared by every layer."""
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+
+def apply_rotary(
+    q: torch.Tensor,  # [N, H, D]
+    k: torch.Tensor,  # [N, KV, D]
+    cos: torch.Tensor,  # [N, 1, D]
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

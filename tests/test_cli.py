@@ -1,0 +1,151 @@
+"""The `splitserve` command line, run as a subprocess the way a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli")
+    env = dict(os.environ)
+    env.update(
+        SPLITSERVE_CACHE=str(root / "cache"),
+        HOME=str(root / "home"),  # anything written to ~/.cache would land here
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    env.pop("CC", None)
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(cli_env, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli_model") / "tiny"
+    proc = run_cli(cli_env, "make-model", str(out), "--preset", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"wrote tiny llama model to {out}" in proc.stdout
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    return out
+
+
+def test_generate_prints_completion_and_throughput(cli_env, model_dir):
+    # `--kv-cache-mib 8`: the default 512 MiB takes seconds just to zero.
+    proc = run_cli(
+        cli_env,
+        "generate",
+        "--model",
+        str(model_dir),
+        "hello world",
+        "--max-tokens",
+        "8",
+        "--kv-cache-mib",
+        "8",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = proc.stdout
+    assert "--- prompt: 'hello world'" in out
+    m = re.search(r"^--- (\d+) tokens, finish_reason=(\w+), ttft=\d+ ms$", out, re.M)
+    assert m, out
+    assert int(m.group(1)) <= 8 and m.group(2) in ("length", "stop")
+    if m.group(2) == "length":
+        assert int(m.group(1)) == 8
+    assert re.search(r"^\d+ tokens in \d+\.\d+s \(\d+ tok/s\)$", out, re.M), out
+
+    # The completion is the engine's, for the CLI's default (auto = bfloat16 on CPU).
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), dtype="bfloat16", kv_cache_bytes=2**20)
+    want = llm.generate(
+        "hello world", SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False
+    )[0]
+    assert f"--- prompt: 'hello world'\n{want.text}\n--- {len(want.token_ids)} tokens" in out
+
+    # Caches went where SPLITSERVE_CACHE points, never under the home directory.
+    from engine import cpu_attention
+
+    if cpu_attention.available():
+        assert list((Path(cli_env["SPLITSERVE_CACHE"]) / "kernels").glob("*.so"))
+    assert not (Path(cli_env["HOME"]) / ".cache" / "splitserve").exists()
+
+
+@pytest.mark.parametrize(
+    "sub, options",
+    [
+        (None, ["make-model", "generate", "--verbose"]),
+        ("make-model", ["--preset", "tiny", "small", "--arch", "--seed"]),
+        (
+            "generate",
+            [
+                "--model",
+                "--max-tokens",
+                "--temperature",
+                "--top-p",
+                "--top-k",
+                "--seed",
+                "--stop",
+                "--ignore-eos",
+                "--dtype",
+                "--kv-cache-mib",
+                "--max-num-seqs",
+                "--max-num-batched-tokens",
+            ],
+        ),
+    ],
+)
+def test_help(cli_env, sub, options):
+    proc = run_cli(cli_env, *([sub] if sub else []), "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: splitserve")
+    for opt in options:
+        assert opt in proc.stdout, opt
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("splitserve generate: error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_model_directory_is_a_clean_error(cli_env):
+    proc = run_cli(cli_env, "generate", "--model", "/nonexistent", "x")
+    assert_one_line_error(proc, "/nonexistent", "config.json")
+
+
+def test_bad_max_tokens_is_a_clean_error(cli_env, model_dir):
+    proc = run_cli(cli_env, "generate", "--model", str(model_dir), "x", "--max-tokens", "0")
+    assert_one_line_error(proc, "max_tokens", "0")
+
+
+def test_usage_errors_exit_2(cli_env):
+    proc = run_cli(cli_env, "generate", "--model", "/m", timeout=60)  # no prompt
+    assert proc.returncode == 2 and "usage:" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(cli_env, "make-model", "/tmp/x", "--preset", "huge", timeout=60)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
