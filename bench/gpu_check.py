@@ -89,8 +89,9 @@ class Report:
         widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(heads[:3])]
         lines = []
         for row in [heads, (*("-" * w for w in widths), "-" * 6), *rows]:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True))
-                         + "  " + row[3])
+            lines.append(
+                "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3]
+            )
         return "\n".join(lines)
 
 
@@ -221,7 +222,10 @@ def make_prompts(vocab: int, n: int = NUM_PROMPTS, seed: int = 0) -> list[list[i
 
 
 def hf_greedy(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, prompts: Sequence[list[int]],
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    prompts: Sequence[list[int]],
     new_tokens: int,
 ) -> list[list[int]]:
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -236,14 +240,17 @@ def hf_greedy(
         for p in prompts:
             ids = torch.tensor([p], device=device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-            outs.append(out[0, len(p):].tolist())
+            outs.append(out[0, len(p) :].tolist())
     del model
     _free(device)
     return outs
 
 
 def engine_greedy(
-    model_dir: Path, cfg: EqConfig, device: torch.device, prompts: Sequence[list[int]],
+    model_dir: Path,
+    cfg: EqConfig,
+    device: torch.device,
+    prompts: Sequence[list[int]],
     new_tokens: int,
 ) -> tuple[list[list[int]], str]:
     """The engine's greedy tokens, and the name of the decode-attention function it used."""
@@ -251,8 +258,12 @@ def engine_greedy(
 
     # A small step budget, so prefill chunks ride along with decode rows (mixed batches).
     llm = LLM(
-        str(model_dir), dtype=cfg.dtype, device=str(device), attention_backend=cfg.backend,
-        kv_cache_bytes=256 * 2**20, max_num_batched_tokens=256,
+        str(model_dir),
+        dtype=cfg.dtype,
+        device=str(device),
+        attention_backend=cfg.backend,
+        kv_cache_bytes=256 * 2**20,
+        max_num_batched_tokens=256,
     )
     fn = llm.engine.runner.model.decode_attention
     used = f"{fn.__module__}.{fn.__name__}"
@@ -287,16 +298,23 @@ def check_vs_transformers(
 
     dev = torch.device(device)
     section = "equality"
-    print(f"\n== 1. engine vs transformers, greedy, {num_prompts} prompts x {new_tokens} "
-          f"tokens on {dev} ==", flush=True)
+    print(
+        f"\n== 1. engine vs transformers, greedy, {num_prompts} prompts x {new_tokens} "
+        f"tokens on {dev} ==",
+        flush=True,
+    )
     refs: dict[tuple[str, str], list[list[int]]] = {}
     spent: dict[str, float] = {}  # seconds the last config of a preset took: the estimate
     with no_tf32():
         for cfg in configs:
             estimate = spent.get(cfg.preset, 5.0)
             if deadline.left() < estimate:
-                report.add(section, cfg.name, "SKIP",
-                           f"time budget ({deadline.left():.0f}s left, ~{estimate:.0f}s needed)")
+                report.add(
+                    section,
+                    cfg.name,
+                    "SKIP",
+                    f"time budget ({deadline.left():.0f}s left, ~{estimate:.0f}s needed)",
+                )
                 continue
             t0 = time.monotonic()
             status_fail = "FAIL" if cfg.required else "INFO"
@@ -320,24 +338,39 @@ def check_vs_transformers(
             distinct = min(len(set(g)) for g in got)
             detail = f"{same}/{len(prompts)} prompts identical"
             if cfg.backend == "triton" and "triton" not in used:
-                report.add(section, cfg.name, status_fail,
-                           f"{detail}, but decode attention fell back to {used}")
+                report.add(
+                    section,
+                    cfg.name,
+                    status_fail,
+                    f"{detail}, but decode attention fell back to {used}",
+                )
                 continue
             if cfg.required:
                 if same == len(prompts) and all(len(g) == new_tokens for g in got):
-                    report.add(section, cfg.name, "PASS",
-                               f"{detail} (min {distinct} distinct tokens per output)")
+                    report.add(
+                        section,
+                        cfg.name,
+                        "PASS",
+                        f"{detail} (min {distinct} distinct tokens per output)",
+                    )
                 else:
                     bad = next(
                         (len(p), _common_prefix(g, w))
-                        for p, g, w in zip(prompts, got, want, strict=True) if g != w
+                        for p, g, w in zip(prompts, got, want, strict=True)
+                        if g != w
                     )
-                    report.add(section, cfg.name, "FAIL",
-                               f"{detail}; first mismatch: prompt of {bad[0]} tokens diverges at "
-                               f"output token {bad[1]}")
+                    report.add(
+                        section,
+                        cfg.name,
+                        "FAIL",
+                        f"{detail}; first mismatch: prompt of {bad[0]} tokens diverges at "
+                        f"output token {bad[1]}",
+                    )
                 continue
-            detail += (f"; {prefix}/{total} tokens ({prefix / total:.0%}) match up to the first "
-                       f"divergence vs transformers {cfg.dtype}")
+            detail += (
+                f"; {prefix}/{total} tokens ({prefix / total:.0%}) match up to the first "
+                f"divergence vs transformers {cfg.dtype}"
+            )
             ref32 = refs.get((cfg.preset, "float32"))
             if ref32 is not None and cfg.dtype != "float32":
                 p32 = sum(_common_prefix(g, w) for g, w in zip(got, ref32, strict=True))
@@ -372,13 +405,19 @@ class KernelCase:
             extra += " int32-tables"
         if self.strided_q:
             extra += " strided-q"
-        return (f"{DTYPE_NAMES[self.dtype]} h{self.num_heads}/kv{self.kv_heads} "
-                f"d{self.head_dim} bs{self.block_size} B{self.batch} ctx<={self.max_ctx}{extra}")
+        return (
+            f"{DTYPE_NAMES[self.dtype]} h{self.num_heads}/kv{self.kv_heads} "
+            f"d{self.head_dim} bs{self.block_size} B{self.batch} ctx<={self.max_ctx}{extra}"
+        )
 
 
 def kernel_cases(
-    quick: bool, num_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
-    max_ctx: int = 4096, batches: Sequence[int] | None = None,
+    quick: bool,
+    num_heads: int = 32,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    max_ctx: int = 4096,
+    batches: Sequence[int] | None = None,
     block_sizes: Sequence[int] | None = None,
 ) -> list[KernelCase]:
     """Llama-3-8B-like shapes by default. Cheap cases first, so a cut budget drops big ones."""
@@ -392,13 +431,34 @@ def kernel_cases(
     for b in sorted(batches):
         for bs in block_sizes:
             for dt in (torch.float32, torch.bfloat16, torch.float16):
-                cases.append(KernelCase(dt, num_heads, kv_heads, head_dim, bs, b, max_ctx,
-                                        strided_q=bs != block_sizes[0]))
+                cases.append(
+                    KernelCase(
+                        dt,
+                        num_heads,
+                        kv_heads,
+                        head_dim,
+                        bs,
+                        b,
+                        max_ctx,
+                        strided_q=bs != block_sizes[0],
+                    )
+                )
     # A sliding window shorter than most contexts, with int32 block tables.
     mid = sorted(batches)[len(batches) // 2]
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        cases.append(KernelCase(dt, num_heads, kv_heads, head_dim, block_sizes[0], mid, max_ctx,
-                                window=max(1, max_ctx // 4) + 3, table_dtype=torch.int32))
+        cases.append(
+            KernelCase(
+                dt,
+                num_heads,
+                kv_heads,
+                head_dim,
+                block_sizes[0],
+                mid,
+                max_ctx,
+                window=max(1, max_ctx // 4) + 3,
+                table_dtype=torch.int32,
+            )
+        )
     return cases
 
 
@@ -450,8 +510,7 @@ def make_kernel_inputs(
         tables[i, n:] = perm[num_blocks - spare + i % spare]
         pos += n
     ctx = torch.tensor(list(lens), dtype=torch.int64)
-    return (q, k_cache, v_cache, tables.to(device=device, dtype=case.table_dtype),
-            ctx.to(device))
+    return (q, k_cache, v_cache, tables.to(device=device, dtype=case.table_dtype), ctx.to(device))
 
 
 def _ref_fits(case: KernelCase, lens: Sequence[int], device: torch.device) -> bool:
@@ -484,13 +543,21 @@ def check_kernel(
     dev = torch.device(device)
     section = "kernel"
     print(f"\n== 2. Triton decode kernel vs PyTorch path on {dev} ==", flush=True)
-    report.add(section, "tf32", "INFO",
-               f"before: {tf32_state()}; float32 cases run with TF32 off (the kernel uses no "
-               "tl.dot, so no TF32 either), which is what the 1e-3 float32 tolerance assumes")
+    report.add(
+        section,
+        "tf32",
+        "INFO",
+        f"before: {tf32_state()}; float32 cases run with TF32 off (the kernel uses no "
+        "tl.dot, so no TF32 either), which is what the 1e-3 float32 tolerance assumes",
+    )
     if triton_fn is None:
         if not triton_attention.triton_available():
-            report.add(section, "triton", "FAIL",
-                       "triton is not importable (pip install 'splitserve[triton]')")
+            report.add(
+                section,
+                "triton",
+                "FAIL",
+                "triton is not importable (pip install 'splitserve[triton]')",
+            )
             return
         triton_fn = triton_attention.paged_decode_attention_triton
     torch_fn = torch_fn or attention.paged_decode_attention
@@ -513,8 +580,9 @@ def check_kernel(
                 diff = (got.float() - want.float()).abs().max().item()
                 extra = ""
                 if _ref_fits(case, lens, dev):
-                    ref = torch_fn(q.double(), k.double(), v.double(), tables.long(), ctx,
-                                   scale, case.window)
+                    ref = torch_fn(
+                        q.double(), k.double(), v.double(), tables.long(), ctx, scale, case.window
+                    )
                     e_tri = (got.double() - ref).abs().max().item()
                     e_tor = (want.double() - ref).abs().max().item()
                     extra = f" (vs float64 reference: triton {e_tri:.2e}, torch {e_tor:.2e})"
@@ -528,9 +596,14 @@ def check_kernel(
             finally:
                 pace.record(case.batch, t0)
             ok = finite and diff <= tol
-            report.add(section, case.name, "PASS" if ok else "FAIL",
-                       f"max abs err {diff:.2e} (tol {tol:.0e})"
-                       + ("" if finite else ", NON-FINITE output") + extra)
+            report.add(
+                section,
+                case.name,
+                "PASS" if ok else "FAIL",
+                f"max abs err {diff:.2e} (tol {tol:.0e})"
+                + ("" if finite else ", NON-FINITE output")
+                + extra,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,8 +635,11 @@ def time_decode_steps(
 
     dev = torch.device(device)
     section = "timing"
-    print(f"\n== 3a. engine decode step, {dtype}, ~{prompt_len}-token prompts, {steps} steps, "
-          f"on {dev} ==", flush=True)
+    print(
+        f"\n== 3a. engine decode step, {dtype}, ~{prompt_len}-token prompts, {steps} steps, "
+        f"on {dev} ==",
+        flush=True,
+    )
     if deadline.left() <= 0:
         for b in batches:
             report.add(section, f"decode step B={b}", "SKIP", "time budget")
@@ -577,8 +653,13 @@ def time_decode_steps(
     per_req_blocks = -(-(prompt_len + jitter + max_tokens + 1) // block)
     kv_bytes = (per_req_blocks * max_b + 8) * block * mc.kv_bytes_per_token * elem
     llm = LLM(
-        str(model_dir), dtype=dtype, device=str(dev), attention_backend=attention_backend,
-        block_size=block, kv_cache_bytes=kv_bytes, max_num_seqs=max_b,
+        str(model_dir),
+        dtype=dtype,
+        device=str(dev),
+        attention_backend=attention_backend,
+        block_size=block,
+        kv_cache_bytes=kv_bytes,
+        max_num_seqs=max_b,
         max_num_batched_tokens=8192,
     )
     eng = llm.engine
@@ -599,8 +680,9 @@ def time_decode_steps(
         try:
             for _ in range(b):
                 n = prompt_len + rng.randint(-jitter, jitter)
-                reqs.append(eng.make_request([rng.randrange(16, mc.vocab_size) for _ in range(n)],
-                                             sp))
+                reqs.append(
+                    eng.make_request([rng.randrange(16, mc.vocab_size) for _ in range(n)], sp)
+                )
             for r in reqs:
                 eng.add_request(r)
             for _ in range(10_000):
@@ -609,12 +691,15 @@ def time_decode_steps(
                 eng.step()
             for _ in range(warmup):
                 eng.step()
-            decoding = all(r.num_tokens - r.num_computed_tokens == 1 and not r.is_finished
-                           for r in reqs)
+            decoding = all(
+                r.num_tokens - r.num_computed_tokens == 1 and not r.is_finished for r in reqs
+            )
             if not decoding or len(eng.scheduler.running) != b or eng.scheduler.waiting:
-                raise RuntimeError(f"expected {b} requests all decoding; running "
-                                   f"{len(eng.scheduler.running)}, waiting "
-                                   f"{len(eng.scheduler.waiting)}")
+                raise RuntimeError(
+                    f"expected {b} requests all decoding; running "
+                    f"{len(eng.scheduler.running)}, waiting "
+                    f"{len(eng.scheduler.waiting)}"
+                )
             # Step i attends over num_tokens + i positions per request (its new token too).
             ctx_sum = sum(r.num_tokens for r in reqs)
             kv_tokens = steps * ctx_sum + b * steps * (steps - 1) // 2
@@ -632,7 +717,9 @@ def time_decode_steps(
             ms = elapsed / steps * 1e3
             moved = weight_bytes * steps + kv_tokens * kv_per_token
             report.add(
-                section, name, "INFO",
+                section,
+                name,
+                "INFO",
                 f"{ms:.2f} ms/step, {b * steps / elapsed:,.0f} tok/s, "
                 f"{moved / elapsed / 1e9:.1f} GB/s (weights {weight_bytes / 1e6:.0f} MB + KV "
                 f"{kv_tokens * kv_per_token / steps / 1e6:.1f} MB per step, mean ctx "
@@ -686,8 +773,10 @@ def time_kernels(
 
     dev = torch.device(device)
     section = "timing"
-    print(f"\n== 3b. decode attention alone, {DTYPE_NAMES[dtype]}, {iters} calls each, "
-          f"on {dev} ==", flush=True)
+    print(
+        f"\n== 3b. decode attention alone, {DTYPE_NAMES[dtype]}, {iters} calls each, on {dev} ==",
+        flush=True,
+    )
     if triton_fn is None:
         if not triton_attention.triton_available():
             report.add(section, "kernel timing", "SKIP", "triton is not importable")
@@ -703,20 +792,31 @@ def time_kernels(
                 continue
             t0 = time.monotonic()
             try:
-                case = KernelCase(dtype, shape.num_heads, shape.kv_heads, shape.head_dim,
-                                  shape.block_size, b, shape.ctx)
+                case = KernelCase(
+                    dtype,
+                    shape.num_heads,
+                    shape.kv_heads,
+                    shape.head_dim,
+                    shape.block_size,
+                    b,
+                    shape.ctx,
+                )
                 rng = random.Random(b)
                 jitter = max(0, min(8, shape.ctx // 4))
                 lens = [shape.ctx + rng.randint(-jitter, jitter) for _ in range(b)]
                 q, k, v, tables, ctx = make_kernel_inputs(case, lens, dev, seed=b)
                 scale = shape.head_dim**-0.5
-                t_tri = _time_fn(functools.partial(triton_fn, q, k, v, tables, ctx, scale), dev,
-                                 iters)
-                t_tor = _time_fn(functools.partial(torch_fn, q, k, v, tables, ctx, scale), dev,
-                                 iters)
+                t_tri = _time_fn(
+                    functools.partial(triton_fn, q, k, v, tables, ctx, scale), dev, iters
+                )
+                t_tor = _time_fn(
+                    functools.partial(torch_fn, q, k, v, tables, ctx, scale), dev, iters
+                )
                 kv_read = sum(lens) * shape.kv_heads * shape.head_dim * 2 * k.element_size()
                 report.add(
-                    section, name, "INFO",
+                    section,
+                    name,
+                    "INFO",
                     f"triton {t_tri * 1e6:,.1f} us ({kv_read / t_tri / 1e9:.1f} GB/s of KV), "
                     f"torch {t_tor * 1e6:,.1f} us ({kv_read / t_tor / 1e9:.1f} GB/s), "
                     f"triton speedup {t_tor / t_tri:.2f}x (mean ctx {sum(lens) / b:.0f})",
@@ -763,8 +863,15 @@ def run_all(
     timing_keep = 0.0 if skip_timing else 60.0
 
     configs = equality_config_list or equality_configs(quick, triton_backend)
-    check_vs_transformers(report, device, model_dirs, configs,
-                          budget.section(130.0, 30.0 + timing_keep), num_prompts, new_tokens)
+    check_vs_transformers(
+        report,
+        device,
+        model_dirs,
+        configs,
+        budget.section(130.0, 30.0 + timing_keep),
+        num_prompts,
+        new_tokens,
+    )
 
     deadline = budget.section(60.0, timing_keep)
     cases = kernel_case_list
@@ -781,8 +888,15 @@ def run_all(
     steps = 10 if reduced else 20
     # Section 3a gets at most two thirds of what is left; 3b the rest.
     part = Deadline(time.monotonic() + deadline.left() * 2 / 3)
-    time_decode_steps(report, device, model_dirs["small"], batches, part,
-                      prompt_len=timing_prompt_len, steps=steps)
+    time_decode_steps(
+        report,
+        device,
+        model_dirs["small"],
+        batches,
+        part,
+        prompt_len=timing_prompt_len,
+        steps=steps,
+    )
     if timing_shapes is None:
         timing_shapes = [
             AttnShape("small-model h8/kv4 d64 bs16", 8, 4, 64, 16, timing_prompt_len + 16),
@@ -790,8 +904,7 @@ def run_all(
         ]
         if reduced:
             timing_shapes = timing_shapes[:1]
-    time_kernels(report, device, timing_shapes, batches, deadline,
-                 iters=20 if reduced else 50)
+    time_kernels(report, device, timing_shapes, batches, deadline, iters=20 if reduced else 50)
     return report
 
 
@@ -809,20 +922,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true",
-                    help="reduced set: no small/float32/torch equality run, kernel cases at "
-                         "block size 16 and batch 1/64 up to 2048 tokens, timing at batch 1/64")
-    ap.add_argument("--skip-timing", action="store_true",
-                    help="correctness sections only (equality and kernel)")
-    ap.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S,
-                    help=f"time budget for the checks, in seconds (default {TOTAL_BUDGET_S:.0f}); "
-                         "sections shrink or skip cases to stay within it")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced set: no small/float32/torch equality run, kernel cases at "
+        "block size 16 and batch 1/64 up to 2048 tokens, timing at batch 1/64",
+    )
+    ap.add_argument(
+        "--skip-timing", action="store_true", help="correctness sections only (equality and kernel)"
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=TOTAL_BUDGET_S,
+        help=f"time budget for the checks, in seconds (default {TOTAL_BUDGET_S:.0f}); "
+        "sections shrink or skip cases to stay within it",
+    )
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
         build = torch.version.cuda or "no"
-        print(f"gpu_check: no CUDA GPU found (torch {torch.__version__}, cuda build: {build}); "
-              "nothing to check")
+        print(
+            f"gpu_check: no CUDA GPU found (torch {torch.__version__}, cuda build: {build}); "
+            "nothing to check"
+        )
         return 0
 
     t0 = time.monotonic()
@@ -837,8 +960,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dirs = build_models(Path(tmp))
         print(f"built the tiny and small models in {time.monotonic() - t0:.1f}s", flush=True)
         budget = args.budget_s - (time.monotonic() - t0)
-        report = run_all("cuda", model_dirs, quick=args.quick, skip_timing=args.skip_timing,
-                         budget_s=budget)
+        report = run_all(
+            "cuda", model_dirs, quick=args.quick, skip_timing=args.skip_timing, budget_s=budget
+        )
     print(f"\n== summary ({time.monotonic() - t0:.0f}s) ==")
     print(report.table())
     fails = sum(r.status == "FAIL" for r in report.results)

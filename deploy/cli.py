@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         "seed and a tokenizer trained offline. 'tiny' is for tests, 'small' (~58M "
         "params) is the default model.",
     )
-    mk.add_argument("dir", help="output directory (created if missing; model files in it are replaced)")
+    mk.add_argument(
+        "dir", help="output directory (created if missing; model files in it are replaced)"
+    )
     mk.add_argument("--preset", choices=["tiny", "small"], default="tiny")
     mk.add_argument("--arch", choices=["llama", "mistral", "qwen2"], default="llama")
     mk.add_argument("--seed", type=int, default=0)

@@ -8,8 +8,10 @@ compiler (about a second), cached by source and machine, and loaded with
 ctypes: no torch headers, no build step at install. Where no compiler is
 found, `available()` is False and the engine keeps the PyTorch path.
 
-The sequences are split across torch's intra-op thread
-count; ctypes drops the GIL during each call, so the slices run in parallel.
+The sequences are split across torch's intra-op thread count with OpenMP.
+Torch ships its own libgomp under the same soname, and it is loaded before
+this library, so the kernel runs on torch's thread pool rather than a second
+one that would fight it for the cores.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -32,11 +32,21 @@ import torch
 log = logging.getLogger("splitserve")
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffast-math",
+    "-fno-finite-math-only",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]
+# q, k_cache, v_cache, block_tables, context_lens, out, then num_seqs, H, KV, D,
+# BS, MB, then scale, window, scratch, max_ctx, threads
 _ARGTYPES = (
     [ctypes.c_void_p] * 6
-    + [ctypes.c_int64] * 7
-    + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    + [ctypes.c_int64] * 6
+    + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 )
 
 
@@ -99,33 +109,15 @@ def available() -> bool:
     return _library() is not None
 
 
-class _Workers:
-    """Threads that each run one slice of the pairs, with their own scratch."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pool: ThreadPoolExecutor | None = None
-        self.size = 0
-        self.scratch: dict[int, torch.Tensor] = {}
-
-    def executor(self, n: int) -> ThreadPoolExecutor:
-        with self.lock:
-            if self.pool is None or self.size != n:
-                if self.pool is not None:
-                    self.pool.shutdown(wait=True)
-                self.pool = ThreadPoolExecutor(n, thread_name_prefix="splitserve-attn")
-                self.size = n
-            return self.pool
-
-    def scratch_for(self, slot: int, numel: int) -> torch.Tensor:
-        buf = self.scratch.get(slot)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1 << 16), dtype=torch.float32)
-            self.scratch[slot] = buf
-        return buf
+_scratch = torch.empty(0)
 
 
-_workers = _Workers()
+def _scratch_for(numel: int) -> torch.Tensor:
+    # Grown, never shrunk, and reused: fresh memory is slow to touch here.
+    global _scratch
+    if _scratch.numel() < numel:
+        _scratch = torch.empty(max(numel, 1 << 16), dtype=torch.float32)
+    return _scratch
 
 
 def paged_decode_attention_cpu(
@@ -153,17 +145,16 @@ def paged_decode_attention_cpu(
     max_ctx = int(context_lens.max()) if b else 0
     if sliding_window is not None:
         max_ctx = min(max_ctx, sliding_window)
-    scratch_numel = num_heads * max_ctx + 2 * num_heads * head_dim + head_dim
-    pairs = b
-    common = (
+    threads = max(1, min(torch.get_num_threads(), b))
+    scratch = _scratch_for(threads * (num_heads * max_ctx + 2 * num_heads * head_dim + head_dim))
+    fn(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         block_tables.data_ptr(),
         context_lens.data_ptr(),
         out.data_ptr(),
-    )
-    dims = (
+        b,
         num_heads,
         kv_heads,
         head_dim,
@@ -171,21 +162,8 @@ def paged_decode_attention_cpu(
         block_tables.shape[1],
         scale,
         sliding_window or 0,
+        scratch.data_ptr(),
+        max_ctx,
+        threads,
     )
-
-    def run(slot: int, begin: int, end: int) -> None:
-        buf = _workers.scratch_for(slot, scratch_numel)
-        fn(*common, begin, end, *dims, buf.data_ptr(), max_ctx)
-
-    threads = min(torch.get_num_threads(), pairs)
-    if threads <= 1:
-        run(0, 0, pairs)
-        return out
-    # Interleave-free contiguous slices; the last thread's slice runs here.
-    bounds = [pairs * i // threads for i in range(threads + 1)]
-    pool = _workers.executor(threads - 1)
-    futures = [pool.submit(run, i + 1, bounds[i + 1], bounds[i + 2]) for i in range(threads - 1)]
-    run(0, bounds[0], bounds[1])
-    for f in futures:
-        f.result()
     return out

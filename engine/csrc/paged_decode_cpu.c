@@ -7,7 +7,7 @@
  *   block_tables:      [B, MB] int64;  context_lens: [B] int64
  * Query head h reads kv head h / (H / KV).
  *
- * Work is split over sequences, all heads of a sequence together: a block's
+ * Work is split over sequences (OpenMP), all heads of a sequence together: a block's
  * K (or V) is [BS, KV, D] contiguous, so it streams through once, front to
  * back, and each K/V row is widened to float32 once for the `group` query
  * heads that share it. Two passes per sequence: scores for every position
@@ -126,19 +126,27 @@ INLINE void NAME##_impl(const T *q, const T *k_cache, const T *v_cache,         
     }                                                                                        \
 }                                                                                            \
 void NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,      \
-          const int64_t *context_lens, T *out, int64_t seq_begin, int64_t seq_end,          \
-          int64_t H, int64_t KV, int64_t D, int64_t BS, int64_t MB, float scale,            \
-          int64_t window, float *scratch /* [H * max_ctx + 2 * H * D + D] */,               \
-          int64_t max_ctx) {                                                                 \
-    if (D == 64)                                                                             \
-        NAME##_impl(q, k_cache, v_cache, block_tables, context_lens, out, seq_begin,         \
-                    seq_end, H, KV, 64, BS, MB, scale, window, scratch, max_ctx);            \
-    else if (D == 128)                                                                       \
-        NAME##_impl(q, k_cache, v_cache, block_tables, context_lens, out, seq_begin,         \
-                    seq_end, H, KV, 128, BS, MB, scale, window, scratch, max_ctx);           \
-    else                                                                                     \
-        NAME##_impl(q, k_cache, v_cache, block_tables, context_lens, out, seq_begin,         \
-                    seq_end, H, KV, D, BS, MB, scale, window, scratch, max_ctx);             \
+          const int64_t *context_lens, T *out, int64_t num_seqs, int64_t H, int64_t KV,      \
+          int64_t D, int64_t BS, int64_t MB, float scale, int64_t window,                   \
+          float *scratch /* [threads][H * max_ctx + 2 * H * D + D] */, int64_t max_ctx,      \
+          int64_t threads) {                                                                 \
+    const int64_t per_thread = H * max_ctx + 2 * H * D + D;                                  \
+    /* Contiguous slices of sequences, one per thread of the OpenMP pool that              \
+     * torch itself uses (same libgomp), so no second pool fights it for cores. */           \
+    _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                     \
+    for (int64_t tid = 0; tid < threads; tid++) {                                            \
+        const int64_t begin = num_seqs * tid / threads, end = num_seqs * (tid + 1) / threads; \
+        float *mine = scratch + tid * per_thread;                                            \
+        if (D == 64)                                                                         \
+            NAME##_impl(q, k_cache, v_cache, block_tables, context_lens, out, begin, end,    \
+                        H, KV, 64, BS, MB, scale, window, mine, max_ctx);                    \
+        else if (D == 128)                                                                   \
+            NAME##_impl(q, k_cache, v_cache, block_tables, context_lens, out, begin, end,    \
+                        H, KV, 128, BS, MB, scale, window, mine, max_ctx);                   \
+        else                                                                                 \
+            NAME##_impl(q, k_cache, v_cache, block_tables, context_lens, out, begin, end,    \
+                        H, KV, D, BS, MB, scale, window, mine, max_ctx);                     \
+    }                                                                                        \
 }
 
 DEFINE_KERNEL(paged_decode_f32, float, load_f32, store_f32)
