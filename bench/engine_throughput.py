@@ -13,9 +13,11 @@ Requests: prompts of ~128 random tokens, output lengths drawn with a fixed
 seed from the seed workload's {32, 40, 50, 64, 80, 96, 200, 512}, each exact
 (EOS ignored).
 
-Also reported: the engine's average running batch, and the share of engine
-wall time spent outside the model's forward pass (scheduling, input
-preparation, sampling, Python), overall and in a steady phase at batch 64.
+Also reported: the engine's average running batch, and where engine wall
+time goes: the model's forward pass (with the LM head), sampling, and the
+rest (scheduler, input preparation, stop checks, Python), overall and in a
+steady decode phase at batch 64 (side by side: the C decode kernel against
+the PyTorch attention path, and bfloat16 against float32).
 
     python bench/engine_throughput.py                 # small preset, bf16
     python bench/engine_throughput.py --num-requests 64 --model DIR
@@ -24,6 +26,7 @@ preparation, sampling, Python), overall and in a steady phase at batch 64.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from engine import LLM
+from engine.llm_engine import LLMEngine
+from engine.model_runner import StepTimings
 
 OUTPUT_LENGTHS = (32, 40, 50, 64, 80, 96, 200, 512)
 
@@ -83,35 +88,50 @@ def run_static_baseline(model_dir: str, w: Workload, dtype: torch.dtype, batch: 
     return time.perf_counter() - t0
 
 
+def time_shares(eng: LLMEngine, wall_s: float, before: StepTimings) -> dict[str, float]:
+    """Shares of `wall_s` spent in the forward pass, in sampling, and elsewhere."""
+    t = eng.runner.timings
+    forward = t.forward_s - before.forward_s
+    sampling = t.sample_s - before.sample_s
+    return {
+        "forward_share": forward / wall_s,
+        "sampling_share": sampling / wall_s,
+        "overhead_share": 1 - (forward + sampling) / wall_s,
+    }
+
+
+def shares_text(r: dict[str, float]) -> str:
+    return (
+        f"forward {r['forward_share'] * 100:.1f}%, sampling {r['sampling_share'] * 100:.1f}%, "
+        f"scheduler+Python {r['overhead_share'] * 100:.1f}%"
+    )
+
+
 def run_engine(llm: LLM, w: Workload) -> dict[str, float]:
     from engine import SamplingParams
 
     eng = llm.engine
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
-    stats0 = (
-        eng.scheduler.stats.num_steps,
-        eng.scheduler.stats.running_batch_sum,
-        eng.runner.timings.forward_s,
-    )
+    steps0, running0 = eng.scheduler.stats.num_steps, eng.scheduler.stats.running_batch_sum
+    before = copy.copy(eng.runner.timings)
     t0 = time.perf_counter()
     outs = llm.generate(w.prompts, params)
     elapsed = time.perf_counter() - t0
     got = sum(len(o.token_ids) for o in outs)
     assert got == w.output_tokens, (got, w.output_tokens)
-    steps = eng.scheduler.stats.num_steps - stats0[0]
-    forward = eng.runner.timings.forward_s - stats0[2]
+    steps = eng.scheduler.stats.num_steps - steps0
     return {
         "seconds": elapsed,
         "steps": steps,
-        "mean_running_batch": (eng.scheduler.stats.running_batch_sum - stats0[1]) / steps,
-        "outside_forward_share": 1 - forward / elapsed,
+        "mean_running_batch": (eng.scheduler.stats.running_batch_sum - running0) / steps,
         "preemptions": sum(o.num_preemptions for o in outs),
+        **time_shares(eng, elapsed, before),
     }
 
 
 def steady_step(llm: LLM, batch: int, steps: int, vocab: int) -> dict[str, float]:
     """Time decode steps with `batch` requests running (prompts of 128 tokens):
-    ms per step and the share of step time outside the model's forward pass."""
+    ms per step and where the time goes."""
     from engine import SamplingParams
 
     eng = llm.engine
@@ -126,17 +146,16 @@ def steady_step(llm: LLM, batch: int, steps: int, vocab: int) -> dict[str, float
         eng.step()
     for _ in range(3):
         eng.step()
-    f0, t0 = eng.runner.timings.forward_s, time.perf_counter()
+    before, t0 = copy.copy(eng.runner.timings), time.perf_counter()
     for _ in range(steps):
         eng.step()
     elapsed = time.perf_counter() - t0
-    forward = eng.runner.timings.forward_s - f0
     for r in reqs:
         eng.abort_request(r.request_id)
     return {
         "batch": batch,
         "step_ms": elapsed / steps * 1000,
-        "outside_forward_share": 1 - forward / elapsed,
+        **time_shares(eng, elapsed, before),
     }
 
 
@@ -209,8 +228,8 @@ def main() -> int:
     }
     print(
         f"engine:   {engine_tps:8.0f} tok/s  ({engine['seconds']:.1f}s, mean running batch "
-        f"{engine['mean_running_batch']:.1f}, {engine['preemptions']} preemptions, "
-        f"{engine['outside_forward_share'] * 100:.1f}% outside forward)",
+        f"{engine['mean_running_batch']:.1f}, {engine['preemptions']} preemptions)\n"
+        f"          {shares_text(engine)}",
         flush=True,
     )
     del llm  # free the engine's KV cache before the next runs
@@ -219,8 +238,7 @@ def main() -> int:
         result["steady_batch64"] = steady
         for name, r in steady.items():
             print(
-                f"steady batch 64, {name:25s} {r['step_ms']:6.1f} ms/step, "
-                f"{r['outside_forward_share'] * 100:4.1f}% outside forward",
+                f"steady batch 64, {name:25s} {r['step_ms']:6.1f} ms/step, {shares_text(r)}",
                 flush=True,
             )
     if not args.skip_baseline:
