@@ -79,30 +79,39 @@ def _library() -> ctypes.CDLL | None:
         + platform.machine().encode()
     ).hexdigest()[:16]
     lib_path = _cache_dir() / f"paged_decode_cpu-{key}.so"
-    if not lib_path.exists():
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        # Compile to a temporary name, then rename: concurrent processes
-        # never load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
-        os.close(fd)
-        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            log.warning(
-                "compiling the CPU attention kernel failed (%s): using the PyTorch path\n%s",
-                " ".join(cmd),
-                proc.stderr[-2000:],
-            )
+    try:
+        if not lib_path.exists() and not _compile(compiler, lib_path):
             return None
-        os.replace(tmp, lib_path)
-        log.info("compiled the CPU attention kernel into %s", lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError as e:  # an unwritable cache, a library that will not load
+        log.warning("CPU attention kernel unavailable (%s): using the PyTorch path", e)
+        return None
     for name in ("paged_decode_f32", "paged_decode_bf16"):
         fn = getattr(lib, name)
         fn.argtypes = _ARGTYPES
         fn.restype = None
     return lib
+
+
+def _compile(compiler: str, lib_path: Path) -> bool:
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name, then rename: concurrent processes never
+    # load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        log.warning(
+            "compiling the CPU attention kernel failed (%s): using the PyTorch path\n%s",
+            " ".join(cmd),
+            proc.stderr[-2000:],
+        )
+        return False
+    os.replace(tmp, lib_path)
+    log.info("compiled the CPU attention kernel into %s", lib_path)
+    return True
 
 
 def available() -> bool:
