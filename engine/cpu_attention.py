@@ -155,7 +155,7 @@ def paged_decode_attention_cpu(
     if sliding_window is not None:
         max_ctx = min(max_ctx, sliding_window)
     threads = max(1, min(torch.get_num_threads(), b))
-    scratch = _scratch_for(threads * (num_heads * max_ctx + 2 * num_heads * head_dim + head_dim))
+    scratch = _scratch_for(threads * num_heads * max_ctx)
     fn(
         q.data_ptr(),
         k_cache.data_ptr(),
