@@ -93,6 +93,24 @@ class ModelRunner:
         self, scheduled: Sequence[ScheduledRequest]
     ) -> list[tuple[int, float | None] | None]:
         t0 = time.perf_counter()
+        inputs = self._prepare(scheduled)
+        t1 = time.perf_counter()
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
+        results: list[tuple[int, float | None] | None] = [None] * len(scheduled)
+        t2 = t3 = time.perf_counter()
+        if inputs.sampled:
+            logits = self.model.compute_logits(hidden[inputs.logit_rows])
+            t2 = time.perf_counter()
+            reqs = [scheduled[i].request for i in inputs.sampled]
+            for i, sample in zip(inputs.sampled, sampler.sample(logits, reqs), strict=True):
+                results[i] = sample
+            t3 = time.perf_counter()
+        self.timings.prepare_s += t1 - t0
+        self.timings.forward_s += t2 - t1
+        self.timings.sample_s += t3 - t2
+        return results
+
+    def _prepare(self, scheduled: Sequence[ScheduledRequest]) -> _StepInputs:
         # Decode rows (one new token) first, prefill chunks after: the model
         # runs all decode rows through one batched attention call.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
@@ -100,40 +118,31 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         bs = self.block_size
-        num_decode = 0
         decode_tables: list[Sequence[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
-        logit_rows: list[int] = []  # flat index of the token whose logits are sampled
-        sampled_idx: list[int] = []  # which scheduled entry each logit row belongs to
+        logit_rows: list[int] = []
+        sampled: list[int] = []
         for i in order:
             s = scheduled[i]
             req, n, table = s.request, s.num_new_tokens, s.block_table
             start = req.num_computed_tokens
             flat_start = len(input_ids)
             input_ids += req.token_ids_slice(start, start + n)
+            positions += range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             if n == 1:
-                num_decode += 1
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
-                positions += range(start, start + n)
-                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-                prefills.append(
-                    PrefillChunk(
-                        flat_start,
-                        n,
-                        start,
-                        torch.tensor(table, dtype=torch.long, device=self.device),
-                    )
-                )
+                table_t = torch.tensor(table, dtype=torch.long, device=self.device)
+                prefills.append(PrefillChunk(flat_start, n, start, table_t))
             if s.completes_known_tokens:
                 logit_rows.append(flat_start + n - 1)
-                sampled_idx.append(i)
+                sampled.append(i)
 
         dev = self.device
+        num_decode = len(decode_lens)
         batch = AttentionBatch(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode=num_decode,
@@ -143,25 +152,22 @@ class ModelRunner:
             ),
             prefills=prefills,
         )
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        t1 = time.perf_counter()
+        return _StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            batch=batch,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            sampled=sampled,
+        )
 
-        hidden = self.model(ids_t, pos_t, batch, self.kv_caches)
-        results: list[tuple[int, float | None] | None] = [None] * len(scheduled)
-        t2 = t3 = time.perf_counter()
-        if logit_rows:
-            rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
-            logits = self.model.compute_logits(hidden[rows])
-            t2 = time.perf_counter()
-            reqs = [scheduled[i].request for i in sampled_idx]
-            for i, sample in zip(sampled_idx, sampler.sample(logits, reqs), strict=True):
-                results[i] = sample
-            t3 = time.perf_counter()
-        self.timings.prepare_s += t1 - t0
-        self.timings.forward_s += t2 - t1
-        self.timings.sample_s += t3 - t2
-        return results
+
+@dataclass(slots=True)
+class _StepInputs:
+    input_ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    batch: AttentionBatch
+    logit_rows: torch.Tensor  # flat index of each token whose logits are sampled
+    sampled: list[int]  # the scheduled entry each logit row belongs to
 
 
 def _pad_tables(tables: list[Sequence[int]], device: torch.device) -> torch.Tensor:
