@@ -80,12 +80,12 @@ class ModelRunner:
                 return triton_attention.paged_decode_attention_triton
             log.warning("triton is not installed: decode attention uses the PyTorch path")
         elif backend == "cpu":
-            from engine import cpu_attention
+            from engine import cpu_kernels
 
             if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
                 raise ValueError("attention_backend='cpu' needs a CPU device and float32/bfloat16")
-            if cpu_attention.available():
-                return cpu_attention.paged_decode_attention_cpu
+            if cpu_kernels.available():
+                return cpu_kernels.paged_decode_attention_cpu
         return attention.paged_decode_attention
 
     @torch.inference_mode()

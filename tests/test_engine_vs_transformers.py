@@ -67,7 +67,7 @@ def test_prompt_logits_match_transformers(model_dirs, variant):
     )
     with torch.inference_mode():
         hidden = runner.model(torch.tensor(prompt), torch.arange(n), batch, runner.kv_caches)
-        ours = runner.model.compute_logits(hidden)
+        ours = runner.model.compute_logits(hidden).float()
         ref = hf(torch.tensor([prompt])).logits[0].float()
     pool.free("probe")
     rel = (ours - ref).abs().max() / ref.abs().max()

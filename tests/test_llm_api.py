@@ -190,15 +190,15 @@ def test_half_dtypes_generate(tiny_llama, dtype):
 
 
 def test_c_and_torch_decode_backends_agree(tiny_llama):
-    from engine import cpu_attention
+    from engine import cpu_kernels
 
-    if not cpu_attention.available():
+    if not cpu_kernels.available():
         pytest.skip("no C compiler: the C decode kernel is unavailable")
     prompts = rand_prompts(7, (1, 4, 9, 16, 17, 31, 40, 63))
     c = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=2**20, attention_backend="cpu")
     t = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=2**20, attention_backend="torch")
-    assert c.engine.runner.model.decode_attention is cpu_attention.paged_decode_attention_cpu
-    assert t.engine.runner.model.decode_attention is not cpu_attention.paged_decode_attention_cpu
+    assert c.engine.runner.model.decode_attention is cpu_kernels.paged_decode_attention_cpu
+    assert t.engine.runner.model.decode_attention is not cpu_kernels.paged_decode_attention_cpu
     params = greedy(40, logprobs=0)
     oc = c.generate(prompts, params, use_tqdm=False)
     ot = t.generate(prompts, params, use_tqdm=False)

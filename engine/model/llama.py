@@ -188,4 +188,5 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """[M, vocab] logits in the model's dtype (the sampler widens them when it must)."""
+        return self.lm_head(hidden)

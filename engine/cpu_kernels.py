@@ -1,6 +1,7 @@
-"""Paged decode attention on CPU through a small C kernel (engine/csrc).
+"""CPU kernels in C (engine/csrc): paged decode attention, and the argmax of
+greedy sampling.
 
-The PyTorch path gathers every sequence's blocks into a padded copy before
+The PyTorch attention path gathers every sequence's blocks into a padded copy before
 attending; at batch 64 that copy, not the arithmetic, is most of the step.
 The C kernel reads K and V in place through the block table, so each byte
 of context is read once. It is compiled on first use with the system C
@@ -8,7 +9,7 @@ compiler (about a second), cached by source and machine, and loaded with
 ctypes: no torch headers, no build step at install. Where no compiler is
 found, `available()` is False and the engine keeps the PyTorch path.
 
-The sequences are split across torch's intra-op thread count with OpenMP.
+Work is split across torch's intra-op thread count with OpenMP.
 Torch ships its own libgomp under the same soname, and it is loaded before
 this library, so the kernel runs on torch's thread pool rather than a second
 one that would fight it for the cores.
@@ -31,7 +32,9 @@ import torch
 
 log = logging.getLogger("splitserve")
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name for name in ("paged_decode_cpu.c", "argmax_cpu.c")
+]
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -43,11 +46,19 @@ _FLAGS = [
 ]
 # q, k_cache, v_cache, block_tables, context_lens, out, then num_seqs, H, KV, D,
 # BS, MB, then scale, window, scratch, max_ctx, threads
-_ARGTYPES = (
+_ATTENTION_ARGTYPES = (
     [ctypes.c_void_p] * 6
     + [ctypes.c_int64] * 6
     + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 )
+# x, rows, cols, out, threads
+_ARGMAX_ARGTYPES = [
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_void_p,
+    ctypes.c_int64,
+]
 
 
 def _cache_dir() -> Path:
@@ -70,26 +81,28 @@ def _cpu_signature() -> str:
 def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: decode attention uses the PyTorch path")
+        log.warning("no C compiler found: the CPU kernels fall back to PyTorch")
         return None
     key = hashlib.sha256(
-        _SOURCE.read_bytes()
+        b"".join(src.read_bytes() for src in _SOURCES)
         + " ".join(_FLAGS).encode()
         + _cpu_signature().encode()
         + platform.machine().encode()
     ).hexdigest()[:16]
-    lib_path = _cache_dir() / f"paged_decode_cpu-{key}.so"
+    lib_path = _cache_dir() / f"splitserve_cpu-{key}.so"
     try:
         if not lib_path.exists() and not _compile(compiler, lib_path):
             return None
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:  # an unwritable cache, a library that will not load
-        log.warning("CPU attention kernel unavailable (%s): using the PyTorch path", e)
+        log.warning("CPU kernels unavailable (%s): using the PyTorch paths", e)
         return None
     for name in ("paged_decode_f32", "paged_decode_bf16"):
-        fn = getattr(lib, name)
-        fn.argtypes = _ARGTYPES
-        fn.restype = None
+        getattr(lib, name).argtypes = _ATTENTION_ARGTYPES
+        getattr(lib, name).restype = None
+    for name in ("argmax_rows_f32", "argmax_rows_bf16"):
+        getattr(lib, name).argtypes = _ARGMAX_ARGTYPES
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -99,18 +112,18 @@ def _compile(compiler: str, lib_path: Path) -> bool:
     # load a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+    cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
         log.warning(
-            "compiling the CPU attention kernel failed (%s): using the PyTorch path\n%s",
+            "compiling the CPU kernels failed (%s): using the PyTorch paths\n%s",
             " ".join(cmd),
             proc.stderr[-2000:],
         )
         return False
     os.replace(tmp, lib_path)
-    log.info("compiled the CPU attention kernel into %s", lib_path)
+    log.info("compiled the CPU kernels into %s", lib_path)
     return True
 
 
@@ -175,4 +188,23 @@ def paged_decode_attention_cpu(
         max_ctx,
         threads,
     )
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """First index of each row's maximum, like `x.argmax(-1)`, for a 2-D
+    contiguous CPU float32/bfloat16 tensor; falls back to torch otherwise."""
+    lib = _library()
+    if lib is None or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    if x.dtype == torch.bfloat16:
+        fn = lib.argmax_rows_bf16
+    elif x.dtype == torch.float32:
+        fn = lib.argmax_rows_f32
+    else:
+        return x.argmax(dim=-1)
+    rows, cols = x.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    if rows:
+        fn(x.data_ptr(), rows, cols, out.data_ptr(), max(1, min(torch.get_num_threads(), rows)))
     return out

@@ -1,5 +1,5 @@
-"""The C paged decode kernel (engine/cpu_attention.py) against the PyTorch path
-(engine/attention.py), on random caches.
+"""The C kernels (engine/cpu_kernels.py) against PyTorch: the paged decode
+kernel against engine/attention.py on random caches, and the row argmax.
 
 Every case builds its block tables from a shuffled pool, pads them with extra entries,
 and poisons (NaN) everything the kernel must not read: the padding blocks, the slots
@@ -14,12 +14,12 @@ import itertools
 import pytest
 import torch
 
-from engine import cpu_attention
+from engine import cpu_kernels
 from engine.attention import paged_decode_attention
 
 pytestmark = pytest.mark.skipif(
-    not cpu_attention.available(),
-    reason="no C compiler: the CPU attention kernel cannot be built (the engine uses torch)",
+    not cpu_kernels.available(),
+    reason="no C compiler: the CPU kernels cannot be built (the engine uses torch)",
 )
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -75,7 +75,7 @@ def make_case(
 def check(lens, *, seed=0, dtype=torch.float32, window=None, atol=None, **kw):
     q, (k, v), (k_bad, v_bad), tables, ctx = make_case(seed, lens, dtype=dtype, window=window, **kw)
     scale = q.shape[-1] ** -0.5
-    got = cpu_attention.paged_decode_attention_cpu(q, k_bad, v_bad, tables, ctx, scale, window)
+    got = cpu_kernels.paged_decode_attention_cpu(q, k_bad, v_bad, tables, ctx, scale, window)
     assert got.shape == q.shape and got.dtype == dtype
     assert torch.isfinite(got).all(), "the kernel read a slot it must not"
     # Reference in float32 on the same (rounded) inputs, and the torch path in `dtype`.
@@ -120,7 +120,7 @@ def test_single_sequence_of_one_token():
     q, (k, v), _, tables, ctx = make_case(
         1, [1], heads=4, kv_heads=1, dim=128, block_size=16, dtype=torch.float32, pad_blocks=0
     )
-    got = cpu_attention.paged_decode_attention_cpu(q, k, v, tables, ctx, 0.125)
+    got = cpu_kernels.paged_decode_attention_cpu(q, k, v, tables, ctx, 0.125)
     want = v[tables[0, 0], 0, 0].expand(4, 128)
     torch.testing.assert_close(got[0], want, atol=1e-6, rtol=0)
 
@@ -162,4 +162,26 @@ def test_rejects_unsupported_dtype():
         0, [5], heads=2, kv_heads=2, dim=32, block_size=8, dtype=torch.float16
     )
     with pytest.raises(TypeError):
-        cpu_attention.paged_decode_attention_cpu(q, k, v, tables, ctx, 0.1)
+        cpu_kernels.paged_decode_attention_cpu(q, k, v, tables, ctx, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_argmax_rows_matches_torch(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 32000, generator=g).to(dtype)
+    assert torch.equal(cpu_kernels.argmax_rows(x), x.float().argmax(dim=-1))
+
+
+def test_argmax_rows_ties_go_to_the_first_index():
+    x = torch.zeros(3, 100, dtype=torch.bfloat16)
+    x[1, 40] = x[1, 70] = 2.0
+    x[2] = -1.0
+    assert cpu_kernels.argmax_rows(x).tolist() == [0, 40, 0] == x.argmax(dim=-1).tolist()
+
+
+def test_argmax_rows_falls_back_for_other_layouts():
+    x = torch.randn(8, 50)
+    assert torch.equal(cpu_kernels.argmax_rows(x.t()), x.t().argmax(dim=-1))  # not contiguous
+    h = x.half()
+    assert torch.equal(cpu_kernels.argmax_rows(h), h.argmax(dim=-1))  # float16
