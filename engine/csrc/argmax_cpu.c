@@ -15,21 +15,31 @@ static inline float bf16_at(const uint16_t *p, int64_t i) {
     return f;
 }
 
-/* Two passes per row: the maximum (a plain reduction, which vectorises), then
- * the first index holding it (index 0 if none compares equal). */
+/* Per row: the maximum of each chunk of 512 (plain reductions, which
+ * vectorise), then the first chunk holding the row's maximum, then the first
+ * index in that chunk holding it. Only one chunk is scanned element by
+ * element. Index 0 if nothing compares equal. */
+#define CHUNK 512
 #define DEFINE_ARGMAX(NAME, T, LOAD)                                                         \
 void NAME(const T *x, int64_t rows, int64_t cols, int64_t *out, int64_t threads) {           \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int64_t r = 0; r < rows; r++) {                                                     \
         const T *row = x + r * cols;                                                         \
         float best = LOAD(row, 0);                                                           \
-        for (int64_t c = 1; c < cols; c++) {                                                 \
-            const float v = LOAD(row, c);                                                    \
-            best = v > best ? v : best;                                                      \
+        int64_t best_chunk = 0;                                                              \
+        for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {                                       \
+            const int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;                        \
+            float m = LOAD(row, c0);                                                         \
+            for (int64_t c = c0 + 1; c < c1; c++) {                                          \
+                const float v = LOAD(row, c);                                                \
+                m = v > m ? v : m;                                                           \
+            }                                                                                \
+            if (m > best) { best = m; best_chunk = c0; }                                     \
         }                                                                                    \
-        int64_t arg = 0;                                                                     \
-        while (arg < cols && LOAD(row, arg) != best) arg++;                                  \
-        out[r] = arg < cols ? arg : 0;                                                       \
+        const int64_t end = best_chunk + CHUNK < cols ? best_chunk + CHUNK : cols;           \
+        int64_t arg = best_chunk;                                                            \
+        while (arg < end && LOAD(row, arg) != best) arg++;                                   \
+        out[r] = arg < end ? arg : 0;                                                        \
     }                                                                                        \
 }
 
