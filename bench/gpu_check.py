@@ -651,7 +651,7 @@ def time_decode_steps(
     elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
     block = 16
     per_req_blocks = -(-(prompt_len + jitter + max_tokens + 1) // block)
-    kv_bytes = (per_req_blocks * max_b + 8) * block * mc.kv_bytes_per_token * elem
+    kv_bytes = (per_req_blocks * max_b + 8) * block * mc.kv_elements_per_token * elem
     llm = LLM(
         str(model_dir),
         dtype=dtype,
@@ -666,7 +666,7 @@ def time_decode_steps(
     fn = eng.runner.model.decode_attention
     print(f"  decode attention: {fn.__module__}.{fn.__name__}", flush=True)
     weight_bytes = sum(p.nbytes for p in eng.runner.model.parameters())
-    kv_per_token = mc.kv_bytes_per_token * elem
+    kv_per_token = mc.kv_elements_per_token * elem
     rng = random.Random(0)
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     pace = Pace()

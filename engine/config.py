@@ -102,8 +102,8 @@ class ModelConfig:
         )
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token over all layers, at 1 byte per element."""
+    def kv_elements_per_token(self) -> int:
+        """K and V elements per token over all layers (times the dtype's size: bytes)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
     @cached_property
@@ -203,7 +203,9 @@ class EngineConfig:
             )
         return self.max_model_len
 
-    def num_kv_blocks(self, model: ModelConfig) -> int:
+    def kv_block_bytes(self, model: ModelConfig) -> int:
         elem = torch.empty((), dtype=self.torch_dtype(model)).element_size()
-        per_block = model.kv_bytes_per_token * elem * self.block_size
-        return max(0, self.kv_cache_bytes // per_block)
+        return model.kv_elements_per_token * elem * self.block_size
+
+    def num_kv_blocks(self, model: ModelConfig) -> int:
+        return self.kv_cache_bytes // self.kv_block_bytes(model)

@@ -45,8 +45,8 @@ class ModelRunner:
         self.num_blocks = engine_config.num_kv_blocks(model_config)
         if self.num_blocks < 1:
             raise ValueError(
-                f"kv_cache_bytes={engine_config.kv_cache_bytes} is too small for one block "
-                f"({model_config.kv_bytes_per_token * self.block_size} bytes per element-byte)"
+                f"kv_cache_bytes={engine_config.kv_cache_bytes} is too small for one KV block "
+                f"({engine_config.kv_block_bytes(model_config)} bytes)"
             )
         # Allocated and touched once: first touch of fresh pages is ~30x slower
         # than a warm copy on these machines, so never allocate per request.

@@ -115,7 +115,7 @@ def test_output_does_not_depend_on_company(tiny_llama):
     assert_engine_clean(crowded)
 
     # 24 blocks of 16 tokens: the 32 requests cannot all hold their KV at once.
-    kv_per_block = crowded.engine.model_config.kv_bytes_per_token * 4 * 16
+    kv_per_block = crowded.engine.model_config.kv_elements_per_token * 4 * 16
     starved = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=24 * kv_per_block)
     assert starved.engine.block_pool.num_blocks == 24
     outs2 = starved.generate(

@@ -82,7 +82,7 @@ def test_seeded_request_survives_preemption(tiny_llama, llm):
     """Preempted and recomputed, a seeded request still draws the same tokens."""
     alone = llm.generate(PROBE, SEEDED, use_tqdm=False)[0].token_ids
     prompts, params = mixed_batch(probe_positions=(15,))
-    kv_per_block = llm.engine.model_config.kv_bytes_per_token * 4 * 16
+    kv_per_block = llm.engine.model_config.kv_elements_per_token * 4 * 16
     starved = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=10 * kv_per_block)
     assert starved.engine.block_pool.num_blocks == 10
     outs = starved.generate(prompts, params, use_tqdm=False)
