@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
@@ -126,7 +128,7 @@ class LLMEngine:
         """One iteration: returns the requests that finished in it."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_schedulable():
                 # Cannot happen while make_request rejects what could never fit;
                 # fail loudly rather than spin.
                 raise RuntimeError(
@@ -140,26 +142,84 @@ class LLMEngine:
                 s.request.first_token_time = now
         finished = self.scheduler.update(sched, samples, self.eos_token_ids)
         for s, sample in zip(sched.scheduled, samples, strict=True):
-            req = s.request
-            detok = self._detok.get(req.request_id)
-            if sample is None or detok is None:
-                continue
-            new = detok.push(sample[0])
-            # A token that ended the request by EOS or a stop token adds no
-            # text worth matching; one that hit max_tokens still may.
-            if not new or req.status is RequestStatus.FINISHED_STOPPED:
-                continue
-            hit = find_stop(detok.text, len(new), req.sampling_params.stop)
-            if hit is None:
-                continue
-            detok.text = detok.text[: hit[0]]
-            req.stop_reason = hit[1]
-            if req.is_finished:  # reached max_tokens too: the stop string wins, as in vLLM
-                req.status = RequestStatus.FINISHED_STOPPED
-            else:
-                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                finished.append(req)
+            if sample is not None and self._stop_string_hit(s.request, sample[0]):
+                finished.append(s.request)
         return [self._finalize(req, now) for req in finished]
+
+    def _stop_string_hit(self, req: Request, token: int) -> bool:
+        """Feed the token to the request's stop-string detokenizer; True if a
+        stop string ends a request that was still running."""
+        detok = self._detok.get(req.request_id)
+        if detok is None:
+            return False
+        new = detok.push(token)
+        # A token that ended the request by EOS or a stop token adds no text
+        # worth matching; one that hit max_tokens still may.
+        if not new or req.status is RequestStatus.FINISHED_STOPPED:
+            return False
+        hit = find_stop(detok.text, len(new), req.sampling_params.stop)
+        if hit is None:
+            return False
+        detok.text = detok.text[: hit[0]]
+        req.stop_reason = hit[1]
+        if req.is_finished:  # reached max_tokens too: the stop string wins, as in vLLM
+            req.status = RequestStatus.FINISHED_STOPPED
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        return True
+
+    # -- disaggregation: the prompt's KV computed by another engine -------------
+
+    def reserve_remote(self, request: Request) -> Sequence[int] | None:
+        """Decode role: reserve blocks for the prompt's KV before it is computed
+        elsewhere; the block table to write into, or None when full."""
+        if not self.scheduler.reserve_for_remote_kv(request):
+            return None
+        if request.sampling_params.stop:
+            self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer)
+        return self.block_pool.block_table(request.request_id)
+
+    def write_remote_kv(
+        self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write one layer's KV for the reserved prompt: [n_blocks, block_size,
+        kv_heads, head_dim] each, n_blocks the length of the reservation."""
+        if request_id not in self.scheduler.awaiting_kv:
+            raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
+        table = self.block_pool.block_table(request_id)
+        self.runner.write_blocks(layer, table, k, v)
+
+    def remote_kv_done(
+        self, request_id: str, first_token: int, logprob: float | None = None
+    ) -> RequestOutput | None:
+        """All layers are written and the prefill side sampled `first_token`:
+        the request joins the running batch at the next step. Returns its
+        output if that token already finishes it."""
+        req = self.scheduler.awaiting_kv.get(request_id)
+        if req is None:
+            raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
+        now = time.monotonic()
+        req.first_token_time = now
+        done = self.scheduler.remote_kv_arrived(
+            request_id, first_token, logprob, self.eos_token_ids
+        )
+        if self._stop_string_hit(req, first_token) or done is not None:
+            return self._finalize(req, now)
+        return None
+
+    def read_kv(self, request_id: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prefill role: copies of a held request's KV blocks, per layer
+        ([n_blocks, block_size, kv_heads, head_dim] each)."""
+        table = self.block_pool.block_table(request_id)
+        if not table:
+            raise KeyError(f"request {request_id!r} holds no blocks")
+        return [
+            self.runner.read_blocks(layer, table) for layer in range(len(self.runner.kv_caches))
+        ]
+
+    def release_blocks(self, request_id: str) -> None:
+        """Prefill role: the KV has reached its receiver; free the blocks."""
+        self.scheduler.release_blocks(request_id)
 
     def _finalize(self, req: Request, now: float) -> RequestOutput:
         req.finish_time = now

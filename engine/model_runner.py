@@ -60,6 +60,26 @@ class ModelRunner:
         ]
         self.timings = StepTimings()
 
+    def read_blocks(
+        self, layer: int, block_ids: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V of the given blocks: [n, block_size, kv_heads, head_dim]."""
+        idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        k_cache, v_cache = self.kv_caches[layer]
+        return k_cache[idx], v_cache[idx]
+
+    def write_blocks(
+        self, layer: int, block_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write K and V ([n, block_size, kv_heads, head_dim]) into the given blocks."""
+        k_cache, v_cache = self.kv_caches[layer]
+        expected = (len(block_ids), *k_cache.shape[1:])
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"KV of shape {tuple(k.shape)}/{tuple(v.shape)}, expected {expected}")
+        idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        k_cache.index_copy_(0, idx, k.to(device=self.device, dtype=k_cache.dtype))
+        v_cache.index_copy_(0, idx, v.to(device=self.device, dtype=v_cache.dtype))
+
     def _pick_decode_attention(self, backend: str) -> DecodeAttentionFn:
         """The decode-attention function: the Triton kernel on CUDA, the C
         kernel on CPU (float32/bfloat16), the PyTorch path otherwise or when

@@ -18,7 +18,8 @@ from engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"  # queued, holds no blocks
+    WAITING = "waiting"  # queued; holds blocks only if its KV came from elsewhere
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # blocks reserved, KV on its way
     RUNNING = "running"  # holds blocks, scheduled every step
     PREEMPTED = "preempted"  # blocks taken back; will recompute from scratch
     FINISHED_STOPPED = "stop"  # EOS, stop string or stop token
@@ -50,6 +51,9 @@ class Request:
     # Set by the scheduler.
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # Set by the caller: on finishing, keep the blocks until release_blocks()
+    # (a prefill worker holds the KV until the decode worker has it).
+    hold_blocks_on_finish: bool = False
     # Set by the engine when the first output token is produced / on finish.
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -80,6 +80,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: oldest first
         self.requests: dict[str, Request] = {}
+        self.awaiting_kv: dict[str, Request] = {}  # blocks reserved, KV being received
+        self.held: dict[str, Request] = {}  # finished, blocks kept until released
         self.stats = SchedulerStats()
 
     # -- queue ----------------------------------------------------------------
@@ -93,9 +95,14 @@ class Scheduler:
 
     def abort_request(self, request_id: str) -> Request | None:
         """Finish a request now, wherever it is; its blocks are freed at once."""
+        held = self.held.get(request_id)
+        if held is not None:
+            self.release_blocks(request_id)
+            return held
         req = self.requests.get(request_id)
         if req is None:
             return None
+        req.hold_blocks_on_finish = False
         self.finish(req, RequestStatus.FINISHED_ABORTED)
         return req
 
@@ -105,9 +112,58 @@ class Scheduler:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+        elif request.status is RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.awaiting_kv[request.request_id]
         request.status = status
-        self.pool.free(request.request_id)
         self.requests.pop(request.request_id, None)
+        if request.hold_blocks_on_finish:
+            self.held[request.request_id] = request
+        else:
+            self.pool.free(request.request_id)
+
+    def release_blocks(self, request_id: str) -> None:
+        """Free the blocks a finished request was holding (hold_blocks_on_finish)."""
+        if self.held.pop(request_id, None) is not None:
+            self.pool.free(request_id)
+
+    # -- KV computed elsewhere (the decode role) --------------------------------
+
+    def reserve_for_remote_kv(self, request: Request) -> bool:
+        """Reserve blocks for the whole prompt before anyone spends prefill work
+        on it. False, with nothing held, when the blocks are not there."""
+        rid = request.request_id
+        if rid in self.requests or rid in self.held:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if not self.pool.can_allocate(rid, request.num_prompt_tokens):
+            return False
+        self.pool.allocate(rid, request.num_prompt_tokens)
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.requests[rid] = request
+        self.awaiting_kv[rid] = request
+        return True
+
+    def remote_kv_arrived(
+        self,
+        request_id: str,
+        first_token: int,
+        logprob: float | None,
+        eos_token_ids: Sequence[int],
+    ) -> Request | None:
+        """The prompt's KV is in the reserved blocks and the prefill worker
+        sampled `first_token`. The request joins the queue with its prompt
+        counted as computed; returns it if the first token already ends it."""
+        req = self.awaiting_kv.pop(request_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+        req.output_token_ids.append(first_token)
+        if logprob is not None:
+            req.output_logprobs.append(logprob)
+        status = self._stop_status(req, first_token, eos_token_ids)
+        if status is None:
+            return None
+        self.finish(req, status)
+        return req
 
     @property
     def num_unfinished(self) -> int:
@@ -115,6 +171,10 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_schedulable(self) -> bool:
+        """Requests that a step could work on (not those waiting for remote KV)."""
+        return len(self.requests) > len(self.awaiting_kv)
 
     # -- one step ---------------------------------------------------------------
 
