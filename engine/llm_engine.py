@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from engine import sampler
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
@@ -200,6 +201,7 @@ class LLMEngine:
             raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
         now = time.monotonic()
         req.first_token_time = now
+        sampler.skip_sample(req, self.model_config.vocab_size, self.runner.device)
         done = self.scheduler.remote_kv_arrived(
             request_id, first_token, logprob, self.eos_token_ids
         )

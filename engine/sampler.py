@@ -92,3 +92,15 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     drop |= mass_before >= torch.tensor(top_p, device=logits.device)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def skip_sample(request: Request, vocab_size: int, device: torch.device) -> None:
+    """Advance a seeded request's generator past one token that was sampled
+    elsewhere with the same seed (the first token, on a prefill worker), so
+    the tokens after it are those a single engine would have drawn."""
+    params = request.sampling_params
+    if params.seed is None or params.greedy:
+        return
+    if request.generator is None:
+        request.generator = torch.Generator(device=device).manual_seed(params.seed)
+    torch.empty(vocab_size, device=device).exponential_(generator=request.generator)

@@ -9,6 +9,7 @@ receives the KV into them, then continues from the first token.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -34,13 +35,14 @@ def prefill_remotely(prefill: LLM, decode: LLM, prompts, params):
         rid = f"r{i}"
         # Decode side first: blocks reserved before any prefill work is spent.
         assert d_eng.reserve_remote(d_eng.make_request(prompt, params, request_id=rid)) is not None
-        req = p_eng.make_request(
-            prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), request_id=rid
-        )
+        # The prefill side samples the first token with the request's own
+        # parameters (and seed), then stops.
+        first_params = dataclasses.replace(params, max_tokens=1, stop=())
+        req = p_eng.make_request(prompt, first_params, request_id=rid)
         req.hold_blocks_on_finish = True
         p_eng.add_request(req)
     for rid, out in run_to_end(p_eng).items():
-        assert out.finish_reason == "length" and len(out.token_ids) == 1
+        assert len(out.token_ids) == 1
         first[rid] = out.token_ids[0]
         assert p_eng.block_pool.block_table(rid)  # held until the KV is read
     outs = {}
@@ -56,12 +58,19 @@ def prefill_remotely(prefill: LLM, decode: LLM, prompts, params):
     return [outs[f"r{i}"] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("variant", ["llama3", "qwen2"])
-def test_disaggregated_equals_colocated(model_dirs, variant):
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+# Seeded sampling: the decode side's generator skips the draw made for the
+# first token on the prefill side.
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=40, ignore_eos=True)
+
+
+@pytest.mark.parametrize(
+    ("variant", "params"), [("llama3", GREEDY), ("qwen2", GREEDY), ("llama3", SEEDED)]
+)
+def test_disaggregated_equals_colocated(model_dirs, variant, params):
     path = str(model_dirs[variant])
     rng = random.Random(5)
     prompts = [[rng.randrange(4, 2048) for _ in range(n)] for n in (1, 7, 16, 33, 50, 71)]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     colocated = LLM(path, dtype="float32", kv_cache_bytes=4 * 2**20)
     expected = colocated.generate(prompts, params, use_tqdm=False)
 
