@@ -32,7 +32,7 @@ def sample(
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
     if all(p.greedy for p in params):
-        tokens = _argmax(logits)
+        tokens = cpu_kernels.argmax_rows(logits)
     else:
         tokens = _sample_mixed(logits, requests)
 
@@ -44,12 +44,6 @@ def sample(
         (tok, chosen[i] if chosen is not None and want_logprobs[i] else None)
         for i, tok in enumerate(token_list)
     ]
-
-
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    # max(dim).indices is the same first-maximum index as argmax, and on CPU
-    # measurably faster for [batch, vocab] rows (1.2 vs 1.9 ms at 64 x 32000).
-    return x.max(dim=-1).indices
 
 
 def _sample_mixed(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -73,8 +67,8 @@ def _sample_mixed(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Te
             req.generator = torch.Generator(device=device).manual_seed(seed)
         noise[i] = torch.empty(probs.shape[1], device=device).exponential_(generator=req.generator)
 
-    sampled = _argmax(probs / noise)
-    return torch.where(greedy, _argmax(logits), sampled)
+    sampled = cpu_kernels.argmax_rows(probs / noise)
+    return torch.where(greedy, cpu_kernels.argmax_rows(logits), sampled)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
