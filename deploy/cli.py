@@ -33,6 +33,41 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--arch", choices=["llama", "mistral", "qwen2"], default="llama")
     mk.add_argument("--seed", type=int, default=0)
 
+    sv = sub.add_parser(
+        "serve",
+        help="start a cluster (router + prefill and decode workers) on this machine",
+        description="Start the router (OpenAI-compatible HTTP) and worker processes on "
+        "127.0.0.1: --prefill N prefill workers and --decode M decode workers (default 1 and "
+        "1), or --colocated K workers that prefill and decode. Without --model it serves the "
+        "built-in default model. Ctrl-C stops every process it started.",
+    )
+    sv.add_argument("--model", help="local Hugging Face model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="router address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
+    sv.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers")
+    sv.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers")
+    sv.add_argument(
+        "--colocated",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run K colocated workers (prefill and decode in one engine) instead",
+    )
+    sv.add_argument("--served-model-name", help="the model name clients send (default: dir name)")
+    sv.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per worker (MiB)")
+    sv.add_argument("--max-num-seqs", type=int, default=64)
+    sv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    sv.add_argument("--max-model-len", type=int, default=None)
+    sv.add_argument("--block-size", type=int, default=16)
+    sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sv.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    sv.add_argument(
+        "--kv-reservation-ttl",
+        type=float,
+        default=120.0,
+        help="seconds a decode worker's KV reservation waits for its prefill",
+    )
+
     gen = sub.add_parser(
         "generate",
         help="generate offline from one or more prompts",
@@ -100,6 +135,39 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deploy.launcher import ClusterSpec, LocalCluster
+
+    model = args.model
+    if model is None:
+        from engine.builtin_model import ensure_default_model
+
+        model = str(ensure_default_model())
+    worker_args = [
+        "--kv-cache-mib", str(args.kv_cache_mib),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        "--block-size", str(args.block_size),
+        "--dtype", args.dtype,
+        "--threads", str(args.threads),
+    ]  # fmt: skip
+    if args.max_model_len is not None:
+        worker_args += ["--max-model-len", str(args.max_model_len)]
+    spec = ClusterSpec(
+        model=model,
+        prefill=args.prefill,
+        decode=args.decode,
+        colocated=args.colocated,
+        host=args.host,
+        port=args.port,
+        worker_args=tuple(worker_args),
+        decode_args=("--kv-reservation-ttl", str(args.kv_reservation_ttl)),
+        served_model_name=args.served_model_name,
+    )
+    LocalCluster(spec).serve()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -107,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    handlers = {"make-model": _make_model, "generate": _generate}
+    handlers = {"make-model": _make_model, "generate": _generate, "serve": _serve}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

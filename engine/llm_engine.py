@@ -243,6 +243,7 @@ class LLMEngine:
             else None,
             num_preemptions=req.num_preemptions,
             arrival_time=req.arrival_time,
+            scheduled_time=req.scheduled_time,
             first_token_time=req.first_token_time,
             finish_time=now,
         )

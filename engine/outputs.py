@@ -18,6 +18,7 @@ class RequestOutput:
     num_preemptions: int
     # time.monotonic() seconds
     arrival_time: float
+    scheduled_time: float | None  # first admitted to the batch
     first_token_time: float | None
     finish_time: float
 

@@ -54,6 +54,8 @@ class Request:
     # Set by the caller: on finishing, keep the blocks until release_blocks()
     # (a prefill worker holds the KV until the decode worker has it).
     hold_blocks_on_finish: bool = False
+    # Set by the scheduler when the request is first admitted to the batch.
+    scheduled_time: float | None = None
     # Set by the engine when the first output token is produced / on finish.
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -20,6 +20,7 @@ prompt never stalls the running batch for more than one budget's worth.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -202,6 +203,8 @@ class Scheduler:
                 self.waiting.popleft()
                 self.pool.allocate(req.request_id, req.num_computed_tokens + n)
                 req.status = RequestStatus.RUNNING
+                if req.scheduled_time is None:
+                    req.scheduled_time = time.monotonic()
                 self.running.append(req)
                 out.scheduled.append(
                     ScheduledRequest(req, n, self.pool.block_table(req.request_id))

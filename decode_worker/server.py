@@ -1,0 +1,293 @@
+"""The DecodeWorker gRPC service: the only module of this role that serves
+protobuf types to the router.
+
+Generate, disaggregated:
+  1. validate and reserve the prompt's blocks (or answer RESOURCE_EXHAUSTED:
+     no prefill work is spent on a request that has nowhere to go);
+  2. a remote_prefill task fills them from the prefill pool; its first token
+     goes to the router at once;
+  3. once the KV is written the request joins the running batch and its
+     tokens stream back, several per message when the router lags.
+If no prefill worker delivers before the first token, the worker frees the
+reservation and prefills the prompt itself. Generate, colocated (or with no
+prefill workers named): the request is queued here and prefilled with
+chunked prefill in the running batch.
+
+Whatever ends the call (finish, router cancel, error), the `finally` aborts
+the request in the engine, which frees every block it holds or reserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from decode_worker.metrics import DecodeMetrics
+from decode_worker.remote_prefill import (
+    FirstToken,
+    PrefillClients,
+    PrefillEvent,
+    PrefillResult,
+    remote_prefill,
+)
+from engine.async_engine import AsyncEngine, TokenDelta
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.request import Request
+from kvtransfer import KvReceiver
+from protos import splitserve_pb2 as pb
+from protos import splitserve_pb2_grpc as pb_grpc
+from protos.convert import params_from_pb, worker_status
+
+log = logging.getLogger("splitserve.decode")
+
+
+@dataclass(slots=True)
+class _Progress:
+    """One Generate call's timeline, for metrics and the final Timings."""
+
+    arrival: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_output_tokens: int = 0
+    finished: bool = False
+
+
+class DecodeServicer(pb_grpc.DecodeWorkerServicer):
+    def __init__(
+        self,
+        aengine: AsyncEngine,
+        metrics: DecodeMetrics,
+        address: str,
+        metrics_port: int,
+        colocated: bool,
+        kv_reservation_ttl_s: float,
+    ) -> None:
+        self.aengine = aengine
+        self.engine: LLMEngine = aengine.engine
+        self.metrics = metrics
+        self.address = address
+        self.metrics_port = metrics_port
+        self.role = "colocated" if colocated else "decode"
+        self.kv_reservation_ttl_s = kv_reservation_ttl_s
+        runner = self.engine.runner
+        k_cache = runner.kv_caches[0][0]  # [num_blocks, block_size, kv_heads, head_dim]
+        self.receiver = KvReceiver(
+            runner.write_blocks, len(runner.kv_caches), tuple(k_cache.shape[1:]), k_cache.dtype
+        )
+        self.prefill_clients = PrefillClients()
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
+        return worker_status(self.aengine, self.role, self.address, self.metrics_port)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        progress = _Progress(arrival=time.monotonic())
+        rid = request.request_id
+        if self.aengine.error is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
+        try:
+            params = params_from_pb(request.sampling_params)
+            req = self.engine.make_request(list(request.prompt_token_ids), params, rid)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+        prefill_task: asyncio.Task[None] | None = None
+        outcome = "aborted"
+        try:
+            addresses = list(request.prefill_addresses) if self.role == "decode" else []
+            result = PrefillResult()
+            if addresses:
+                table = await self._reserve(req, context)
+                events: asyncio.Queue[PrefillEvent] = asyncio.Queue()
+                prefill_task = asyncio.create_task(
+                    remote_prefill(
+                        self.prefill_clients,
+                        self.receiver,
+                        req,
+                        table,
+                        self.engine.config.block_size,
+                        addresses,
+                        progress.arrival + self.kv_reservation_ttl_s,
+                        events,
+                        result,
+                    )
+                )
+                queue = None
+                while queue is None:
+                    event = await events.get()
+                    if event.kind == "first_token":
+                        assert event.first is not None
+                        yield self._first_token_message(rid, event.first, progress, req)
+                    elif event.kind == "kv_ready":
+                        assert result.first is not None
+                        self.metrics.kv_bytes.inc(result.kv_bytes)
+                        self.metrics.kv_seconds.observe(result.kv_seconds)
+                        queue = self.aengine.remote_kv_done(
+                            rid, result.first.token_id, result.first.logprob
+                        )
+                    else:
+                        queue = await self._prefill_failed(req, event.error, progress, context)
+            else:
+                queue = self.aengine.add_request(req)
+            async for message in self._stream(rid, queue, progress, result, context):
+                yield message
+            outcome = "ok"
+        finally:
+            if prefill_task is not None:
+                prefill_task.cancel()
+            if not progress.finished:
+                self.aengine.abort(rid)
+            self.metrics.requests.labels(self.role, outcome).inc()
+
+    async def _reserve(self, req: Request, context: grpc.aio.ServicerContext) -> list[int]:
+        try:
+            table = await self.aengine.reserve_remote(req)
+        except ValueError as e:  # e.g. a request id already in use
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        if table is None:
+            self.metrics.rejected_full.inc()
+            snap = self.aengine.snapshot
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no room in the KV cache for a {req.num_prompt_tokens}-token prompt "
+                f"({snap.kv_blocks_free} of {snap.kv_blocks_total} blocks free)",
+            )
+        assert table is not None
+        return list(table)
+
+    async def _prefill_failed(
+        self,
+        req: Request,
+        error: str,
+        progress: _Progress,
+        context: grpc.aio.ServicerContext,
+    ) -> asyncio.Queue[TokenDelta]:
+        """No prefill worker delivered. Before the first token went out the
+        prompt is simply prefilled here; after it, the stream cannot be
+        replayed consistently, so the request ends with an error."""
+        rid = req.request_id
+        self.aengine.abort(rid)  # frees the reservation
+        if progress.first_token_time is not None:
+            self.metrics.prefill_retries.labels(self.role, "failed_after_first_token").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill failed: {error}")
+        self.metrics.prefill_retries.labels(self.role, "local_fallback").inc()
+        self.metrics.local_prefills.inc()
+        log.warning("request %s: prefilling here: %s", rid, error)
+        local = self.engine.make_request(req.prompt_token_ids, req.sampling_params, rid)
+        local.arrival_time = req.arrival_time
+        return self.aengine.add_request(local)
+
+    def _first_token_message(
+        self, rid: str, first: FirstToken, progress: _Progress, req: Request
+    ) -> pb.GenerateResponse:
+        now = time.monotonic()
+        progress.first_token_time = progress.last_token_time = now
+        progress.num_output_tokens = 1
+        self.metrics.ttft_seconds.observe(now - progress.arrival)
+        self.metrics.generation_tokens.inc()
+        timings = pb.Timings()
+        timings.CopyFrom(first.timings)
+        timings.ttft_s = now - progress.arrival
+        timings.prefill_address = first.prefill_address
+        msg = pb.GenerateResponse(request_id=rid, token_ids=[first.token_id], timings=timings)
+        if req.sampling_params.logprobs is not None and first.logprob is not None:
+            msg.logprobs.append(first.logprob)
+        return msg
+
+    async def _stream(
+        self,
+        rid: str,
+        queue: asyncio.Queue[TokenDelta],
+        progress: _Progress,
+        result: PrefillResult,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        while True:
+            deltas = [await queue.get()]
+            while not queue.empty():  # the router lags: send what piled up at once
+                deltas.append(queue.get_nowait())
+            msg = pb.GenerateResponse(request_id=rid)
+            finished = None
+            for delta in deltas:
+                if delta.error is not None:
+                    await context.abort(grpc.StatusCode.INTERNAL, delta.error)
+                msg.token_ids.extend(delta.token_ids)
+                msg.logprobs.extend(delta.logprobs)
+                finished = delta.finished or finished
+            self._observe_tokens(len(msg.token_ids), progress)
+            if finished is not None:
+                progress.finished = True
+                self._finish_message(msg, finished, progress, result)
+                yield msg
+                return
+            if msg.token_ids:
+                yield msg
+
+    def _observe_tokens(self, n: int, progress: _Progress) -> None:
+        if n == 0:
+            return
+        now = time.monotonic()
+        if progress.first_token_time is None:
+            progress.first_token_time = now
+            self.metrics.ttft_seconds.observe(now - progress.arrival)
+            n_gaps = n - 1
+        else:
+            n_gaps = n
+        if n_gaps and progress.last_token_time is not None:
+            gap = (now - progress.last_token_time) / n_gaps
+            for _ in range(n_gaps):
+                self.metrics.itl_seconds.observe(gap)
+        progress.last_token_time = now
+        progress.num_output_tokens += n
+        self.metrics.generation_tokens.inc(n)
+
+    def _finish_message(
+        self,
+        msg: pb.GenerateResponse,
+        out: RequestOutput,
+        progress: _Progress,
+        result: PrefillResult,
+    ) -> None:
+        now = time.monotonic()
+        msg.finish_reason = out.finish_reason
+        if isinstance(out.stop_reason, str):
+            msg.stop_string = out.stop_reason
+        elif isinstance(out.stop_reason, int):
+            msg.stop_token_id = out.stop_reason
+        msg.num_prompt_tokens = len(out.prompt_token_ids)
+        msg.num_output_tokens = len(out.token_ids)
+        first = result.first
+        t = msg.timings
+        if first is not None:  # prefilled remotely
+            t.queue_s = first.timings.queue_s
+            t.prefill_s = first.timings.prefill_s
+            t.prefill_address = first.prefill_address
+            t.kv_transfer_s = result.kv_seconds
+            t.kv_transfer_bytes = result.kv_bytes
+        else:
+            t.queue_s = _gap(out.arrival_time, out.scheduled_time)
+            t.prefill_s = _gap(out.scheduled_time, out.first_token_time)
+        if progress.first_token_time is not None:
+            t.ttft_s = progress.first_token_time - progress.arrival
+            t.decode_s = now - progress.first_token_time
+            if len(out.token_ids) > 1:
+                self.metrics.tpot_seconds.observe(t.decode_s / (len(out.token_ids) - 1))
+        t.num_preemptions = out.num_preemptions
+        self.metrics.e2e_seconds.observe(now - progress.arrival)
+        self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+        if out.scheduled_time is not None:
+            ready = out.arrival_time if first is None else (progress.first_token_time or now)
+            self.metrics.queue_seconds.observe(max(0.0, out.scheduled_time - ready))
+
+
+def _gap(start: float | None, end: float | None) -> float:
+    return end - start if start is not None and end is not None else 0.0

@@ -1,0 +1,45 @@
+"""Engine options on a command line, shared by every process that hosts an engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.config import DTYPES, EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", help="local Hugging Face model directory (default: built-in model)")
+    g.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory (MiB)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="cap on the running batch")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step"
+    )
+    g.add_argument("--max-model-len", type=int, default=None, help="context length")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the arguments describe; builds the default model if none is named."""
+    model = args.model
+    if model is None:
+        from engine.builtin_model import ensure_default_model
+
+        model = str(ensure_default_model())
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return EngineConfig(
+        model=str(model),
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_mib * 2**20,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )

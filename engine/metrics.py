@@ -1,0 +1,83 @@
+"""Per-step engine metrics, the same for every role; labelled with the role
+so prefill and decode are never conflated.
+
+Updated from the engine thread at step boundaries (prometheus_client is
+thread-safe), never inside the forward pass.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from engine.async_engine import EngineSnapshot, StepInfo
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry, role: str) -> None:
+        labels = ["role"]
+        self.role = role
+        self.step_seconds = Histogram(
+            "splitserve_engine_step_seconds",
+            "Duration of one engine iteration (schedule, forward, sample).",
+            labels,
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        ).labels(role)
+        self.batch_size = Histogram(
+            "splitserve_engine_batch_size",
+            "Requests computed in one engine iteration (the running batch).",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        ).labels(role)
+        self.running = Gauge(
+            "splitserve_running_requests",
+            "Requests in the running batch.",
+            labels,
+            registry=registry,
+        ).labels(role)
+        self.waiting = Gauge(
+            "splitserve_waiting_requests",
+            "Requests queued for the batch (including preempted ones).",
+            labels,
+            registry=registry,
+        ).labels(role)
+        self.waiting_prompt_tokens = Gauge(
+            "splitserve_waiting_prompt_tokens",
+            "Prompt tokens not yet computed, over queued requests.",
+            labels,
+            registry=registry,
+        ).labels(role)
+        self.kv_usage = Gauge(
+            "splitserve_kv_cache_usage_ratio",
+            "Fraction of KV blocks in use (reserved, running or held).",
+            labels,
+            registry=registry,
+        ).labels(role)
+        self.kv_blocks_free = Gauge(
+            "splitserve_kv_blocks_free", "KV blocks free.", labels, registry=registry
+        ).labels(role)
+        self.preemptions = Counter(
+            "splitserve_preemptions",
+            "Requests whose KV was dropped to make room (recomputed later).",
+            labels,
+            registry=registry,
+        ).labels(role)
+        self._preemptions_seen = 0
+
+    def observe_step(self, step: StepInfo) -> None:
+        self.step_seconds.observe(step.duration_s)
+        self.batch_size.observe(step.num_scheduled)
+
+    def observe_snapshot(self, snap: EngineSnapshot) -> None:
+        self.running.set(snap.running)
+        self.waiting.set(snap.waiting)
+        self.waiting_prompt_tokens.set(snap.waiting_prompt_tokens)
+        self.kv_usage.set(snap.kv_usage)
+        self.kv_blocks_free.set(snap.kv_blocks_free)
+        if snap.num_preemptions > self._preemptions_seen:
+            self.preemptions.inc(snap.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = snap.num_preemptions

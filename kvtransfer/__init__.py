@@ -1,0 +1,11 @@
+"""Moving a prompt's KV blocks from a prefill worker to a decode worker.
+
+`base` holds the transport-free part: the chunk, the sender interface and the
+receiver that validates chunks against reservations and writes them into
+blocks. `grpc_backend` carries chunks over the Prefill stream of
+protos/splitserve.proto.
+"""
+
+from kvtransfer.base import KvChunk, KvReceiver, KvRejected, KvSender, TransferStats, send_kv
+
+__all__ = ["KvChunk", "KvReceiver", "KvRejected", "KvSender", "TransferStats", "send_kv"]

@@ -1,0 +1,152 @@
+"""The PrefillWorker gRPC service: the only module of this role that touches
+protobuf types.
+
+One Prefill call per request, opened by the decode worker that reserved the
+KV blocks:
+
+    D: PrefillRequest ─▶ P queues the prompt (the scheduler batches prompts by
+                         token budget and chunks long ones)
+    P: FirstToken     ─▶ as soon as the prompt's last chunk is computed
+    P: KvChunk ...    ─▶ layer by layer, read from P's held blocks
+    P: KvDone         ─▶
+    D: KvAck          ─▶ P frees the blocks
+
+The engine thread moves on to the next prompts while this request's KV is on
+the wire, so transfer overlaps compute. Cancellation (D gone, D aborted)
+lands in the `finally`, which frees whatever the request holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from kvtransfer import send_kv
+from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES
+from kvtransfer.grpc_backend import GrpcKvSender
+from prefill_worker.metrics import PrefillMetrics
+from protos import splitserve_pb2 as pb
+from protos import splitserve_pb2_grpc as pb_grpc
+from protos.convert import params_from_pb, worker_status
+
+log = logging.getLogger("splitserve.prefill")
+
+
+class PrefillServicer(pb_grpc.PrefillWorkerServicer):
+    def __init__(
+        self,
+        aengine: AsyncEngine,
+        metrics: PrefillMetrics,
+        address: str,
+        metrics_port: int,
+    ) -> None:
+        self.aengine = aengine
+        self.engine: LLMEngine = aengine.engine
+        self.metrics = metrics
+        self.address = address
+        self.metrics_port = metrics_port
+
+    async def Prefill(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        msg = await context.read()
+        if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "request":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a PrefillRequest first")
+        r = msg.request
+        rid = r.request_id
+        req = self._make_request(r)
+        if isinstance(req, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, req)
+            return
+        outcome = "aborted"
+        q = self.aengine.add_request(req)
+        try:
+            delta = await q.get()
+            if delta.error is not None:
+                outcome = "failed"
+                await context.abort(grpc.StatusCode.INTERNAL, delta.error)
+            out = delta.finished
+            assert out is not None and out.token_ids, "prefill ends at the first token"
+            self._observe_prefill(out)
+            first = pb.FirstToken(
+                request_id=rid,
+                token_id=out.token_ids[0],
+                num_layers=self.engine.model_config.num_layers,
+                timings=pb.Timings(
+                    queue_s=_gap(out.arrival_time, out.scheduled_time),
+                    prefill_s=_gap(out.scheduled_time, out.first_token_time),
+                    ttft_s=_gap(out.arrival_time, out.first_token_time),
+                ),
+            )
+            if out.logprobs:
+                first.logprob = out.logprobs[0]
+            await context.write(pb.PrefillServerMessage(first_token=first))
+            self.metrics.ttft_seconds.observe(time.monotonic() - out.arrival_time)
+
+            # The request is finished and its blocks are held for us: nothing
+            # else reads or writes them until release, so the event loop may
+            # copy them out while the engine thread runs the next step.
+            table = list(self.engine.block_pool.block_table(rid))
+            runner = self.engine.runner
+            sender = GrpcKvSender(rid, context.write, context.read)
+            ok, stats = await send_kv(
+                sender,
+                rid,
+                list(r.dest_block_ids),
+                lambda layer: runner.read_blocks(layer, table),
+                num_layers=len(runner.kv_caches),
+                max_chunk_bytes=r.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
+            )
+            self.metrics.kv_bytes.inc(stats.num_bytes)
+            self.metrics.kv_seconds.observe(stats.seconds)
+            if not ok:
+                outcome = "failed"
+                log.warning("request %s: KV not acknowledged: %s", rid, sender.error)
+                return
+            outcome = "ok"
+        finally:
+            # Frees the blocks whether they are held (done or failed transfer)
+            # or the prompt is still queued or computing (cancelled).
+            self.aengine.abort(rid)
+            self.metrics.requests.labels("prefill", outcome).inc()
+
+    def _make_request(self, r: pb.PrefillRequest) -> Any:
+        """The engine request for the prompt, or a message saying why not."""
+        try:
+            params = params_from_pb(r.sampling_params)
+        except ValueError as e:
+            return f"bad sampling parameters: {e}"
+        # Only the first token is ours to sample; stop strings are the decode
+        # worker's business (it sees the whole text).
+        params = dataclasses.replace(params, max_tokens=1, stop=())
+        if r.block_size != self.engine.config.block_size:
+            return (
+                f"block size {r.block_size} on the decode worker, {self.engine.config.block_size} "
+                "here: the KV layouts differ"
+            )
+        try:
+            req = self.engine.make_request(list(r.prompt_token_ids), params, r.request_id)
+        except ValueError as e:
+            return str(e)
+        needed = self.engine.block_pool.blocks_for_tokens(req.num_prompt_tokens)
+        if len(r.dest_block_ids) != needed:
+            return f"{len(r.dest_block_ids)} destination blocks for a prompt that needs {needed}"
+        req.hold_blocks_on_finish = True
+        return req
+
+    def _observe_prefill(self, out: Any) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(len(out.prompt_token_ids))
+        m.queue_seconds.observe(_gap(out.arrival_time, out.scheduled_time))
+        m.compute_seconds.observe(_gap(out.scheduled_time, out.first_token_time))
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
+        return worker_status(self.aengine, "prefill", self.address, self.metrics_port)
+
+
+def _gap(start: float | None, end: float | None) -> float:
+    return end - start if start is not None and end is not None else 0.0

@@ -1,0 +1,69 @@
+"""Conversions between the wire messages and the engine's types, shared by
+the router and both workers so each field is mapped in exactly one place."""
+
+from __future__ import annotations
+
+import os
+
+from engine.async_engine import AsyncEngine
+from engine.sampling_params import SamplingParams
+from protos import splitserve_pb2 as pb
+
+
+def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        max_tokens=p.max_tokens,
+        ignore_eos=p.ignore_eos,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    """Raises ValueError for parameters the engine rejects."""
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p,
+        top_k=msg.top_k,
+        max_tokens=msg.max_tokens,
+        ignore_eos=msg.ignore_eos,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        seed=msg.seed if msg.HasField("seed") else None,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+    )
+
+
+def worker_status(
+    aengine: AsyncEngine, role: str, address: str, metrics_port: int
+) -> pb.WorkerStatus:
+    """A worker's Status answer from its engine's latest snapshot."""
+    snap = aengine.snapshot
+    engine = aengine.engine
+    return pb.WorkerStatus(
+        role=role,
+        address=address,
+        pid=os.getpid(),
+        model=engine.config.model,
+        max_model_len=engine.max_model_len,
+        block_size=engine.config.block_size,
+        kv_blocks_total=snap.kv_blocks_total,
+        kv_blocks_free=snap.kv_blocks_free,
+        running=snap.running,
+        waiting=snap.waiting,
+        waiting_prompt_tokens=snap.waiting_prompt_tokens,
+        awaiting_kv=snap.awaiting_kv,
+        held=snap.held,
+        metrics_port=metrics_port,
+        num_steps=snap.num_steps,
+        mean_batch_size=snap.mean_batch_size,
+        num_preemptions=snap.num_preemptions,
+    )

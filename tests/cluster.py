@@ -1,0 +1,105 @@
+"""A real cluster for end-to-end tests: `splitserve serve` as a child process
+(router in it, workers as its children) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServeCluster:
+    def __init__(self, model: Path, log_path: Path, *serve_args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", str(model)]
+        cmd += ["--port", str(self.port), *serve_args]
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.worker_pids: list[int] = []
+        try:
+            self._wait_healthy(timeout=180)
+        except BaseException:
+            self.stop()
+            raise
+        self.worker_pids = [w["pid"] for w in self.cluster()["workers"]]
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"{self.url}/health", timeout=2)
+                # Healthy once every worker has answered a poll.
+                if r.status_code == 200 and all(w["healthy"] for w in self.cluster()["workers"]):
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"cluster not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def cluster(self) -> dict:
+        r = httpx.get(f"{self.url}/cluster", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def workers(self, role: str) -> list[dict]:
+        return [w for w in self.cluster()["workers"] if w["role"] == role]
+
+    def wait_idle(self, timeout: float = 20.0) -> dict:
+        """Wait until every healthy worker has every block free and nothing
+        queued; returns the last /cluster answer (asserting is the caller's)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.cluster()
+            live = [w for w in state["workers"] if w["healthy"]]
+            if all(_idle(w) for w in live) or time.monotonic() > deadline:
+                return state
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM the serve process (it stops its workers); SIGKILL what is left."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.worker_pids:  # only the workers this cluster started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+
+def _idle(w: dict) -> bool:
+    return (
+        w["kv_blocks_free"] == w["kv_blocks_total"]
+        and w["running"] == 0
+        and w["waiting"] == 0
+        and w.get("awaiting_kv", 0) == 0
+        and w.get("held", 0) == 0
+    )
+
+
+def assert_all_blocks_free(state: dict) -> None:
+    for w in state["workers"]:
+        if not w["healthy"]:
+            continue
+        assert _idle(w), f"{w['role']} worker {w['address']} is not idle: {w}"
