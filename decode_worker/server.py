@@ -128,6 +128,10 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                         yield self._first_token_message(rid, event.first, progress, req)
                     elif event.kind == "kv_ready":
                         assert result.first is not None
+                        if result.failures:
+                            self.metrics.prefill_retries.labels(
+                                self.role, "next_prefill_worker"
+                            ).inc(len(result.failures))
                         self.metrics.kv_bytes.inc(result.kv_bytes)
                         self.metrics.kv_seconds.observe(result.kv_seconds)
                         queue = self.aengine.remote_kv_done(
