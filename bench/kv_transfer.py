@@ -66,7 +66,7 @@ def _grpc_server(port_q: mp.Queue, num_tokens: int, repeats: int) -> None:
     blocks = list(range(num_tokens // BLOCK))
 
     class Servicer(pb_grpc.PrefillWorkerServicer):
-        async def Prefill(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async def Prefill(self, request_iterator, context):
             await context.read()
             for r in range(repeats):
                 for layer, (k, v) in enumerate(layers):
@@ -105,7 +105,7 @@ def bench_grpc(num_tokens: int, repeats: int) -> tuple[float, int]:
         for _ in range(LAYERS)
     ]
 
-    def write(layer, block_ids, k, v):  # type: ignore[no-untyped-def]
+    def write(layer, block_ids, k, v):
         idx = torch.tensor(block_ids)
         pool[layer][0].index_copy_(0, idx, k)
         pool[layer][1].index_copy_(0, idx, v)
@@ -225,7 +225,7 @@ def bench_ttft(prompt_lens: list[int], trials: int) -> list[dict]:
         procs.append(c_proc)
         params = params_to_pb(SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
 
-        async def one(stub, ids, prefill, rid):  # type: ignore[no-untyped-def]
+        async def one(stub, ids, prefill, rid):
             start = time.perf_counter()
             ttft = None
             timings = None

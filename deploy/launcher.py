@@ -201,9 +201,7 @@ def _banner(url: str, model: str, workers: Sequence[WorkerProcess]) -> str:
         lines.append(f"  {w.name:<12} pid {w.proc.pid:<8} {w.address}  metrics :{w.metrics_port}")
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32})
     lines.append("Try:")
-    lines.append(
-        f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
-    )
+    lines.append(f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
     lines.append(f"Cluster state: curl -s {url}/cluster   Ctrl-C stops everything.")
     return "\n".join(lines)
 

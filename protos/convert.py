@@ -66,4 +66,6 @@ def worker_status(
         num_steps=snap.num_steps,
         mean_batch_size=snap.mean_batch_size,
         num_preemptions=snap.num_preemptions,
+        vocab_size=engine.model_config.vocab_size,
+        max_num_seqs=engine.config.max_num_seqs,
     )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10splitserve.proto\x12\rsplitserve.v1\"\xd1\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb3\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\r\x12\x17\n\x0fprefill_address\x18\x08 \x01(\t\"\x0f\n\rStatusRequest\"\xe4\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x0f\n\x07running\x18\t \x01(\r\x12\x0f\n\x07waiting\x18\n \x01(\r\x12\x1d\n\x15waiting_prompt_tokens\x18\x0b \x01(\x04\x12\x13\n\x0b\x61waiting_kv\x18\x0c \x01(\r\x12\x0c\n\x04held\x18\r \x01(\r\x12\x14\n\x0cmetrics_port\x18\x0e \x01(\r\x12\x11\n\tnum_steps\x18\x0f \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x10 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x11 \x01(\x04\"\x92\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x19\n\x11prefill_addresses\x18\x04 \x03(\t\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_output_tokens\x18\t \x01(\rB\r\n\x0bstop_reason\"u\n\x14PrefillClientMessage\x12\x30\n\x07request\x18\x01 \x01(\x0b\x32\x1d.splitserve.v1.PrefillRequestH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.KvAckH\x00\x42\x06\n\x04kind\"\xbb\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65st_block_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\"6\n\x05KvAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x9d\x01\n\x14PrefillServerMessage\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.FirstTokenH\x00\x12$\n\x02kv\x18\x02 \x01(\x0b\x32\x16.splitserve.v1.KvChunkH\x00\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.KvDoneH\x00\x42\x06\n\x04kind\"\x91\x01\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x12\n\nnum_layers\x18\x05 \x01(\rB\n\n\x08_logprob\"y\n\x07KvChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\x0b\n\x03key\x18\x06 \x01(\x0c\x12\r\n\x05value\x18\x07 \x01(\x0c\"C\n\x06KvDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x32\xa2\x01\n\x0c\x44\x65\x63odeWorker\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatus2\xad\x01\n\rPrefillWorker\x12W\n\x07Prefill\x12#.splitserve.v1.PrefillClientMessage\x1a#.splitserve.v1.PrefillServerMessage(\x01\x30\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10splitserve.proto\x12\rsplitserve.v1\"\xd1\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb3\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\r\x12\x17\n\x0fprefill_address\x18\x08 \x01(\t\"\x0f\n\rStatusRequest\"\x8e\x03\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x0f\n\x07running\x18\t \x01(\r\x12\x0f\n\x07waiting\x18\n \x01(\r\x12\x1d\n\x15waiting_prompt_tokens\x18\x0b \x01(\x04\x12\x13\n\x0b\x61waiting_kv\x18\x0c \x01(\r\x12\x0c\n\x04held\x18\r \x01(\r\x12\x14\n\x0cmetrics_port\x18\x0e \x01(\r\x12\x11\n\tnum_steps\x18\x0f \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x10 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x11 \x01(\x04\x12\x12\n\nvocab_size\x18\x12 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x13 \x01(\r\"\x92\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x19\n\x11prefill_addresses\x18\x04 \x03(\t\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_output_tokens\x18\t \x01(\rB\r\n\x0bstop_reason\"u\n\x14PrefillClientMessage\x12\x30\n\x07request\x18\x01 \x01(\x0b\x32\x1d.splitserve.v1.PrefillRequestH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.KvAckH\x00\x42\x06\n\x04kind\"\xbb\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65st_block_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\"6\n\x05KvAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x9d\x01\n\x14PrefillServerMessage\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.FirstTokenH\x00\x12$\n\x02kv\x18\x02 \x01(\x0b\x32\x16.splitserve.v1.KvChunkH\x00\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.KvDoneH\x00\x42\x06\n\x04kind\"\x91\x01\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x12\n\nnum_layers\x18\x05 \x01(\rB\n\n\x08_logprob\"y\n\x07KvChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\x0b\n\x03key\x18\x06 \x01(\x0c\x12\r\n\x05value\x18\x07 \x01(\x0c\"C\n\x06KvDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x32\xa2\x01\n\x0c\x44\x65\x63odeWorker\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatus2\xad\x01\n\rPrefillWorker\x12W\n\x07Prefill\x12#.splitserve.v1.PrefillClientMessage\x1a#.splitserve.v1.PrefillServerMessage(\x01\x30\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=429
   _globals['_STATUSREQUEST']._serialized_end=444
   _globals['_WORKERSTATUS']._serialized_start=447
-  _globals['_WORKERSTATUS']._serialized_end=803
-  _globals['_GENERATEREQUEST']._serialized_start=806
-  _globals['_GENERATEREQUEST']._serialized_end=952
-  _globals['_GENERATERESPONSE']._serialized_start=955
-  _globals['_GENERATERESPONSE']._serialized_end=1211
-  _globals['_PREFILLCLIENTMESSAGE']._serialized_start=1213
-  _globals['_PREFILLCLIENTMESSAGE']._serialized_end=1330
-  _globals['_PREFILLREQUEST']._serialized_start=1333
-  _globals['_PREFILLREQUEST']._serialized_end=1520
-  _globals['_KVACK']._serialized_start=1522
-  _globals['_KVACK']._serialized_end=1576
-  _globals['_PREFILLSERVERMESSAGE']._serialized_start=1579
-  _globals['_PREFILLSERVERMESSAGE']._serialized_end=1736
-  _globals['_FIRSTTOKEN']._serialized_start=1739
-  _globals['_FIRSTTOKEN']._serialized_end=1884
-  _globals['_KVCHUNK']._serialized_start=1886
-  _globals['_KVCHUNK']._serialized_end=2007
-  _globals['_KVDONE']._serialized_start=2009
-  _globals['_KVDONE']._serialized_end=2076
-  _globals['_DECODEWORKER']._serialized_start=2079
-  _globals['_DECODEWORKER']._serialized_end=2241
-  _globals['_PREFILLWORKER']._serialized_start=2244
-  _globals['_PREFILLWORKER']._serialized_end=2417
+  _globals['_WORKERSTATUS']._serialized_end=845
+  _globals['_GENERATEREQUEST']._serialized_start=848
+  _globals['_GENERATEREQUEST']._serialized_end=994
+  _globals['_GENERATERESPONSE']._serialized_start=997
+  _globals['_GENERATERESPONSE']._serialized_end=1253
+  _globals['_PREFILLCLIENTMESSAGE']._serialized_start=1255
+  _globals['_PREFILLCLIENTMESSAGE']._serialized_end=1372
+  _globals['_PREFILLREQUEST']._serialized_start=1375
+  _globals['_PREFILLREQUEST']._serialized_end=1562
+  _globals['_KVACK']._serialized_start=1564
+  _globals['_KVACK']._serialized_end=1618
+  _globals['_PREFILLSERVERMESSAGE']._serialized_start=1621
+  _globals['_PREFILLSERVERMESSAGE']._serialized_end=1778
+  _globals['_FIRSTTOKEN']._serialized_start=1781
+  _globals['_FIRSTTOKEN']._serialized_end=1926
+  _globals['_KVCHUNK']._serialized_start=1928
+  _globals['_KVCHUNK']._serialized_end=2049
+  _globals['_KVDONE']._serialized_start=2051
+  _globals['_KVDONE']._serialized_end=2118
+  _globals['_DECODEWORKER']._serialized_start=2121
+  _globals['_DECODEWORKER']._serialized_end=2283
+  _globals['_PREFILLWORKER']._serialized_start=2286
+  _globals['_PREFILLWORKER']._serialized_end=2459
 # @@protoc_insertion_point(module_scope)

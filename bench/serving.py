@@ -1,0 +1,242 @@
+"""The cost of serving: the seed workload over HTTP against the offline engine.
+
+The same requests (the engine benchmark's seed workload: ~128-token prompts,
+output lengths drawn from {32, ..., 512}, EOS ignored), four ways, one after
+the other in this run:
+  (a) offline: the engine in this process, at most 16 requests running
+      (the same concurrency the HTTP runs allow);
+  (b) `splitserve serve --colocated 1`, 16 streaming requests in flight;
+  (c) `splitserve serve` (1 prefill + 1 decode), 16 in flight;
+  (d) offline again (the machine is noisy: the reference is the mean of a and d).
+
+Per HTTP run: output tokens/s, and the latency figures as vLLM's `bench
+serve` defines them: TTFT (send to first token), TPOT ((e2e - TTFT) /
+(output tokens - 1), per request), ITL (gaps between consecutive token
+chunks), each p50 and p99.
+
+    python bench/serving.py                      # 128 requests, default model
+    python bench/serving.py --num-requests 64 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_throughput import Workload
+
+CONCURRENCY = 16
+
+
+@dataclass
+class RequestTiming:
+    sent: float
+    first: float | None = None
+    last: float | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_offline(model: str, w: Workload, args: argparse.Namespace) -> float:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model, max_num_seqs=CONCURRENCY, kv_cache_bytes=args.kv_cache_mib << 20)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
+    llm.generate(w.prompts[:4], params[:4], use_tqdm=False)  # warm up
+    start = time.perf_counter()
+    outs = llm.generate(w.prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.token_ids) for o in outs) / elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def cluster(model: str, serve_args: list[str], log: Path, kv_cache_mib: int):
+    port = free_port()
+    cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--kv-cache-mib", str(kv_cache_mib), *serve_args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited; see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                workers = httpx.get(f"{url}/cluster", timeout=5).json()["workers"]
+                if workers and all(w["healthy"] for w in workers):
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not ready; see {log}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+async def run_http(url: str, w: Workload) -> tuple[float, list[RequestTiming], dict]:
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+
+        async def one(i: int, timing: RequestTiming) -> None:
+            body = {
+                "model": model,
+                "prompt": w.prompts[i],
+                "max_tokens": w.output_lens[i],
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    timing.error = f"HTTP {r.status_code}"
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    now = time.perf_counter()
+                    if "error" in event:
+                        timing.error = event["error"]["message"]
+                    if event.get("usage"):
+                        timing.tokens = event["usage"]["completion_tokens"]
+                    if any(c.get("text") for c in event.get("choices", [])):
+                        if timing.first is None:
+                            timing.first = now
+                        timing.chunk_times.append(now)
+                        timing.last = now
+
+        for i in range(min(4, len(w.prompts))):  # warm up
+            await one(i, RequestTiming(time.perf_counter()))
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(w.prompts)):
+            queue.put_nowait(i)
+        timings = [RequestTiming(0.0) for _ in w.prompts]
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                timings[i].sent = time.perf_counter()
+                await one(i, timings[i])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - start
+        state = (await client.get(f"{url}/cluster")).json()
+    return elapsed, timings, state
+
+
+def summarize(elapsed: float, timings: list[RequestTiming], expected_tokens: int) -> dict:
+    errors = [t.error for t in timings if t.error]
+    tokens = sum(t.tokens for t in timings)
+    ttft = [t.first - t.sent for t in timings if t.first is not None]
+    tpot = [
+        (t.last - t.first) / (t.tokens - 1)
+        for t in timings
+        if t.first is not None and t.last is not None and t.tokens > 1
+    ]
+    itl = [b - a for t in timings for a, b in zip(t.chunk_times, t.chunk_times[1:], strict=False)]
+    return {
+        "tok_s": tokens / elapsed,
+        "complete": tokens == expected_tokens and not errors,
+        "errors": errors[:3],
+        "ttft_p50_ms": percentile(ttft, 0.5) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 0.99) * 1e3,
+        "tpot_p50_ms": percentile(tpot, 0.5) * 1e3,
+        "tpot_p99_ms": percentile(tpot, 0.99) * 1e3,
+        "itl_p50_ms": percentile(itl, 0.5) * 1e3,
+        "itl_p99_ms": percentile(itl, 0.99) * 1e3,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model directory (default: the built-in default model)")
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--kv-cache-mib", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if args.model is None:
+        from engine.builtin_model import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    from engine.config import ModelConfig
+
+    vocab = ModelConfig.from_pretrained(args.model).vocab_size
+    w = Workload.seeded(args.num_requests, vocab, args.prompt_len, seed=0)
+    print(f"{args.num_requests} requests, {w.output_tokens} output tokens, {CONCURRENCY} in flight")
+    logdir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
+    extra = ["--threads", str(args.threads)] if args.threads else []
+
+    results: dict = {"offline_tok_s": []}
+    results["offline_tok_s"].append(run_offline(args.model, w, args))
+    print(f"offline (max {CONCURRENCY} running): {results['offline_tok_s'][-1]:.0f} tok/s")
+    for name, serve_args in (("colocated", ["--colocated", "1"]), ("1P+1D", [])):
+        with cluster(
+            args.model, serve_args + extra, logdir / f"{name}.log", args.kv_cache_mib
+        ) as url:
+            elapsed, timings, state = asyncio.run(run_http(url, w))
+        r = summarize(elapsed, timings, w.output_tokens)
+        r["mean_batch"] = max(x["mean_batch_size"] for x in state["workers"])
+        results[name] = r
+        print(f"{name}: {r['tok_s']:.0f} tok/s, complete={r['complete']}")
+    results["offline_tok_s"].append(run_offline(args.model, w, args))
+    offline = statistics.mean(results["offline_tok_s"])
+    print(f"offline again: {results['offline_tok_s'][-1]:.0f} tok/s; reference {offline:.0f}")
+
+    print(
+        f"\n{'run':<11}{'tok/s':>7}{'vs offline':>11}{'TTFT p50':>10}{'p99':>8}"
+        f"{'TPOT p50':>10}{'p99':>7}{'ITL p50':>9}{'p99':>7}"
+    )
+    for name in ("colocated", "1P+1D"):
+        r = results[name]
+        r["vs_offline"] = r["tok_s"] / offline
+        print(
+            f"{name:<11}{r['tok_s']:>7.0f}{r['vs_offline'] * 100:>10.1f}%"
+            f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p99_ms']:>6.0f}ms"
+            f"{r['tpot_p50_ms']:>8.1f}ms{r['tpot_p99_ms']:>5.1f}ms"
+            f"{r['itl_p50_ms']:>7.1f}ms{r['itl_p99_ms']:>5.1f}ms"
+        )
+        if not r["complete"]:
+            print(f"  INCOMPLETE: {r['errors']}")
+    print(f"logs: {logdir}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`python -m router`: run the HTTP router in front of running workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from router.server import RouterConfig, serve
+
+
+def _address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m router",
+        description="The splitserve router: an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, streaming) in front of decode workers, which it picks by free "
+        "KV cache and load; it passes each request the prefill workers to use, ranked by "
+        "queued prompt tokens. Also serves /health, /metrics and /cluster.",
+        epilog="example: python -m router --model ./tiny --decode 127.0.0.1:50061 "
+        "--prefill 127.0.0.1:50051 --port 8000",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (its config.json and tokenizer; the workers serve the same model)",
+    )
+    p.add_argument(
+        "--decode",
+        action="append",
+        type=_address,
+        required=True,
+        metavar="HOST:PORT",
+        help="a decode or colocated worker (repeat for each)",
+    )
+    p.add_argument(
+        "--prefill",
+        action="append",
+        type=_address,
+        default=[],
+        metavar="HOST:PORT",
+        help="a prefill worker (repeat for each; none for a colocated deployment)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--port", type=_positive, default=8000, help="port (default: %(default)s)")
+    p.add_argument(
+        "--served-model-name", help="the model name clients send (default: the directory's name)"
+    )
+    p.add_argument("--max-model-len", type=_positive, help="context length (default: the model's)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=1 << 20,
+        help="largest request body accepted (default: %(default)s)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        help="seconds between worker Status polls (default: %(default)s)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.port > 65535:
+        parser.error(f"--port must be at most 65535, got {args.port}")
+    if not args.poll_interval > 0:
+        parser.error(f"--poll-interval must be > 0, got {args.poll_interval}")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = RouterConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        decode_addresses=tuple(args.decode),
+        prefill_addresses=tuple(args.prefill),
+        host=args.host,
+        port=args.port,
+        max_model_len=args.max_model_len,
+        max_body_bytes=args.max_body_bytes,
+        poll_interval_s=args.poll_interval,
+    )
+    try:
+        serve(config)
+    except (OSError, ValueError) as e:  # a bad model directory, a port in use
+        print(f"router: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""One request's Generate stream, with retries across decode workers.
+
+Before the first token the request can move: RESOURCE_EXHAUSTED
+(that worker is full; it reserved nothing), UNAVAILABLE or a failed connection
+(it is down: mark it unhealthy) and ABORTED move on to the next decode worker,
+each attempt under a fresh request id (a worker we gave up on may still hold
+the old one). INVALID_ARGUMENT is the client's fault: 400. When every healthy
+decode worker was tried: 503 with Retry-After. After the first token the
+request stays where it is; a failure then is a WorkerFailed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from protos import splitserve_pb2 as pb
+from protos import splitserve_pb2_grpc as pb_grpc
+from router.errors import APIError, bad_request, no_capacity
+from router.metrics import RouterMetrics
+from router.pool import Worker, WorkerPool
+
+# Before the first message, these codes send the request to another worker.
+_RETRY_REASONS = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "full",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.CANCELLED: "unavailable",  # cancelled by the server: shutting down
+    grpc.StatusCode.ABORTED: "aborted",
+}
+
+
+class WorkerFailed(Exception):
+    """The decode worker failed after its first token: the client may
+    already hold tokens, so the request cannot move."""
+
+
+def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        max_tokens=p.max_tokens,
+        ignore_eos=p.ignore_eos,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+class DecodeCall:
+    """The token stream of one request, from whichever decode worker took it.
+
+    Iterate `messages()` (inside `contextlib.aclosing`): it yields the
+    worker's GenerateResponse messages, the last with finish_reason set.
+    Closing or cancelling the iteration cancels the gRPC call, which aborts
+    the request on every worker it reached.
+    """
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        metrics: RouterMetrics,
+        base_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.base_id = base_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.attempts = 0
+        self.worker: Worker | None = None  # the one that answered, once it has
+
+    async def messages(self) -> AsyncGenerator[pb.GenerateResponse, None]:
+        tried: set[str] = set()
+        reasons: list[str] = []
+        n = len(self.prompt_ids)
+        sampling = sampling_to_proto(self.params)
+        while True:
+            w = self.pool.pick_decode(n, tried)
+            if w is None or w.channel is None:
+                raise no_capacity(_no_capacity_message(self.pool, reasons))
+            tried.add(w.address)
+            prefill = self.pool.rank_prefill(w)
+            request = pb.GenerateRequest(
+                request_id=f"{self.base_id}-a{self.attempts}",
+                prompt_token_ids=self.prompt_ids,
+                sampling_params=sampling,
+                prefill_addresses=[p.address for p in prefill],
+            )
+            self.attempts += 1
+            self.pool.dispatched(w, prefill, n)
+            prefill_pending = True
+            # No deadline: a stream lasts as long as the generation. wait_for_ready
+            # off: a worker that is down fails the call at once.
+            call = pb_grpc.DecodeWorkerStub(w.channel).Generate(request, wait_for_ready=False)
+            try:
+                first = await self._first_message(w, call)
+                if isinstance(first, str):  # failed in a way another worker may not
+                    reasons.append(first)
+                    continue
+                self.pool.first_token(prefill, n)
+                prefill_pending = False
+                self.worker = w
+                msg = first
+                while True:
+                    yield msg
+                    if msg.finish_reason:
+                        return
+                    msg = await self._next_message(w, call)
+            finally:
+                if prefill_pending:
+                    self.pool.first_token(prefill, n)
+                self.pool.ended(w)
+                call.cancel()  # no-op once the call is done
+
+    async def _first_message(
+        self, w: Worker, call: grpc.aio.UnaryStreamCall
+    ) -> pb.GenerateResponse | str:
+        """The first message with a token (or a finish), or why the request
+        should go to another worker. Messages with neither (an acknowledgement
+        a worker may send) are skipped: until a token exists the request can
+        still move, since nothing has reached the client."""
+        try:
+            msg = await call.read()
+            while (
+                isinstance(msg, pb.GenerateResponse) and not msg.token_ids and not msg.finish_reason
+            ):
+                msg = await call.read()
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            reason = _RETRY_REASONS.get(code)
+            if reason is None:
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise bad_request(e.details() or "invalid request") from None
+                raise APIError(
+                    502, f"decode worker {w.address} failed: {code.name}: {e.details()}"
+                ) from None
+            if reason == "unavailable":
+                self.pool.mark_unhealthy(w, f"Generate: {code.name}: {e.details()}")
+            elif reason == "full":
+                self.pool.mark_full(w)
+            self.metrics.retries.labels(reason=reason).inc()
+            return reason
+        if msg is grpc.aio.EOF:
+            raise APIError(502, f"decode worker {w.address} ended the stream without a token")
+        assert isinstance(msg, pb.GenerateResponse)
+        if msg.finish_reason == "abort" and not msg.token_ids:
+            self.metrics.retries.labels(reason="aborted").inc()
+            return "aborted"
+        return msg
+
+    async def _next_message(self, w: Worker, call: grpc.aio.UnaryStreamCall) -> pb.GenerateResponse:
+        try:
+            msg = await call.read()
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.pool.mark_unhealthy(w, f"Generate: {e.code().name}: {e.details()}")
+            raise WorkerFailed(
+                f"decode worker {w.address} failed mid-stream: {e.code().name}: {e.details()}"
+            ) from None
+        if msg is grpc.aio.EOF:
+            raise WorkerFailed(f"decode worker {w.address} ended the stream without finishing")
+        assert isinstance(msg, pb.GenerateResponse)
+        if msg.finish_reason == "abort":
+            raise WorkerFailed(f"decode worker {w.address} aborted the request")
+        return msg
+
+
+def _no_capacity_message(pool: WorkerPool, reasons: list[str]) -> str:
+    if not pool.decode:
+        return "no decode workers are configured"
+    if "full" in reasons:
+        return "every decode worker is full (no free KV blocks); retry shortly"
+    if not reasons and not pool.healthy_decode:
+        return "no healthy decode worker; retry shortly"
+    return "no decode worker could take the request; retry shortly"

@@ -1,0 +1,221 @@
+"""POST /v1/completions and /v1/chat/completions: body to response.
+
+A streaming request answers its HTTP status only once a decode worker has
+accepted it (its first message), so that a full cluster is a 503, not a 200
+stream carrying an error. Until then, and for the whole of a non-streaming
+request, the router watches for the client going away and cancels the
+request when it does; once streaming, Starlette cancels the stream's
+generator on a disconnect, which cancels the gRPC call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from router.dispatch import WorkerFailed
+from router.errors import APIError, error_body
+from router.flow import Delta, Finish, run_request
+from router.metrics import RouterMetrics
+from router.pool import WorkerPool
+from router.preprocess import (
+    Prepared,
+    ServedModel,
+    parse_as,
+    prepare_chat,
+    prepare_completion,
+    read_json,
+)
+from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.responses import ChatFormat, CompletionFormat
+from router.textstream import TokenInfo
+
+log = logging.getLogger("splitserve.router")
+
+T = TypeVar("T")
+Endpoint = Literal["completions", "chat_completions"]
+Events = AsyncIterator[Delta | Finish]
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclass
+class Generation:
+    """What the two generation endpoints share, one per app."""
+
+    served: ServedModel
+    pool: WorkerPool
+    metrics: RouterMetrics
+    max_body_bytes: int
+
+    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
+        arrival = time.monotonic()
+        m = self.metrics
+        m.in_flight.inc()
+        handed_to_stream = False
+        try:
+            obj = await read_json(request, self.max_body_bytes)
+            prepared, fmt = self._prepare(obj, endpoint)
+            events = run_request(
+                self.pool, m, self.served, prepared, fmt.request_id, arrival
+            ).__aiter__()
+            if prepared.stream:
+                first = await _until_disconnected(request, events.__anext__())
+                body = _sse(events, first, fmt, prepared, lambda s: m.count_request(endpoint, s))
+                handed_to_stream = True
+                return _SSEResponse(body, events, on_close=m.in_flight.dec)
+            result = await _until_disconnected(request, _collect(events, fmt))
+            m.count_request(endpoint, 200)
+            return JSONResponse(result)
+        except APIError as e:
+            m.count_request(endpoint, e.status)
+            return e.response()
+        except WorkerFailed as e:
+            m.count_request(endpoint, 502)
+            return APIError(502, str(e)).response()
+        except (ClientDisconnected, ClientDisconnect):
+            m.count_request(endpoint, 499)
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            if not handed_to_stream:
+                m.in_flight.dec()
+
+    def _prepare(
+        self, obj: dict[str, Any], endpoint: Endpoint
+    ) -> tuple[Prepared, CompletionFormat]:
+        created = int(time.time())
+        if endpoint == "completions":
+            prepared = prepare_completion(parse_as(CompletionRequest, obj), self.served)
+            rid = f"cmpl-{uuid.uuid4().hex}"
+            return prepared, CompletionFormat(rid, created, self.served.name, prepared.logprobs)
+        prepared = prepare_chat(parse_as(ChatCompletionRequest, obj), self.served)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return prepared, ChatFormat(rid, created, self.served.name, prepared.logprobs)
+
+
+async def _collect(events: Events, fmt: CompletionFormat) -> dict[str, Any]:
+    """Run a non-streaming request to the end: the whole response body."""
+    tokens: list[TokenInfo] = []
+    async for ev in events:
+        tokens += ev.delta.tokens if isinstance(ev, Finish) else ev.tokens
+        if isinstance(ev, Finish):
+            return fmt.response(ev, tokens)
+    raise AssertionError("the event stream ended without a Finish")
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+async def _sse(
+    events: Events,
+    first: Delta | Finish,
+    fmt: CompletionFormat,
+    prepared: Prepared,
+    count: Callable[[int | str], None],
+) -> AsyncIterator[bytes]:
+    """The server-sent events of one stream; always ends with [DONE]."""
+    status: int | str = 200
+    try:
+        for obj in fmt.start_chunks():
+            yield _data(obj)
+        ev = first
+        while True:
+            if isinstance(ev, Finish):
+                yield _data(fmt.final_chunk(ev))
+                if prepared.include_usage:
+                    yield _data(fmt.usage_chunk(ev))
+                break
+            if ev.text or ev.tokens:
+                yield _data(fmt.chunk(ev))
+            ev = await events.__anext__()
+    except (WorkerFailed, APIError) as e:
+        status = "stream_error"
+        yield _data(error_body(str(e), 502))
+    except (asyncio.CancelledError, GeneratorExit):
+        status = 499  # the client went away
+        raise
+    except Exception as e:  # a bug: end the stream visibly rather than hang it
+        log.exception("stream failed")
+        status = "stream_error"
+        yield _data(error_body(f"internal error: {type(e).__name__}: {e}", 500))
+    finally:
+        count(status)
+    yield _DONE
+
+
+class _SSEResponse(StreamingResponse):
+    """A text/event-stream response that closes its generators however it ends.
+
+    Starlette cancels the body on a client disconnect but leaves a generator
+    that never started (or sits at a yield) for the garbage collector; the
+    request's gRPC call must not wait for that.
+    """
+
+    def __init__(
+        self, body: AsyncIterator[bytes], events: Events, on_close: Callable[[], None]
+    ) -> None:
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._body = body
+        self._events = events
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await _aclose(self._body)
+                await _aclose(self._events)
+            finally:
+                self._on_close()
+
+
+async def _aclose(it: AsyncIterator[Any]) -> None:
+    close: Callable[[], Awaitable[None]] | None = getattr(it, "aclose", None)
+    if close is not None:
+        await close()
+
+
+async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first."""
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
+    watcher: asyncio.Future[None] = asyncio.ensure_future(_wait_disconnect(request))
+    both: list[asyncio.Future[Any]] = [task, watcher]
+    try:
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in both:
+            if not t.done():
+                t.cancel()
+        # Let a cancelled request unwind (its gRPC call is cancelled in a finally).
+        await asyncio.wait(both)
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body has been read: the next ASGI message is the disconnect (servers
+    # send it on a client's disconnect or after the response is complete).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,159 @@
+"""One request's life after validation: dispatch, tokens in, text events out.
+
+`run_request` is an async generator of events, the same for both endpoints
+and both modes (streaming or not): a `Delta` at the first token
+(possibly empty: it says the request was accepted, so a stream can answer
+200 now) and then whenever there is text or logprobs to send, and one `Finish`
+last. Errors before the first event are APIError (400, 502, 503 with
+Retry-After); after it, WorkerFailed. Closing the generator cancels the gRPC
+call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from protos import splitserve_pb2 as pb
+from router.dispatch import DecodeCall
+from router.metrics import RouterMetrics
+from router.pool import WorkerPool
+from router.preprocess import Prepared, ServedModel
+from router.textstream import TextAssembler, TokenInfo
+
+
+@dataclass
+class Delta:
+    text: str
+    tokens: list[TokenInfo] = field(default_factory=list)  # when logprobs were asked for
+
+
+@dataclass
+class Finish:
+    delta: Delta  # the text and logprobs not yet sent
+    reason: str  # "stop" | "length"
+    text: str  # the whole output text
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, Any]  # the response's "splitserve_timings"
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+async def run_request(
+    pool: WorkerPool,
+    metrics: RouterMetrics,
+    served: ServedModel,
+    prepared: Prepared,
+    request_id: str,
+    arrival: float,
+) -> AsyncIterator[Delta | Finish]:
+    """Send the request to a decode worker and turn its tokens into events."""
+    params = prepared.params
+    call = DecodeCall(pool, metrics, request_id, prepared.prompt_ids, params)
+    asm = TextAssembler(served.tokenizer, params.stop, logprobs=prepared.logprobs)
+    first_at: float | None = None
+    last_at = arrival
+    first_timings: pb.Timings | None = None
+    final: pb.GenerateResponse | None = None
+    started = False
+    async with aclosing(call.messages()) as messages:
+        async for msg in messages:
+            now = time.monotonic()
+            k = len(msg.token_ids)
+            if first_at is None:
+                first_at = now
+                first_timings = msg.timings if msg.HasField("timings") else None
+                metrics.ttft.observe(now - arrival)
+                metrics.prompt_tokens.inc(len(prepared.prompt_ids))
+                metrics.generation_tokens.inc(k)
+            elif k:
+                metrics.observe_tokens(now - last_at, k)
+            if k:
+                last_at = now
+            _push_all(asm, msg)
+            if msg.finish_reason or asm.stopped:
+                # A stop string the worker did not finish on: leaving the block
+                # closes the stream, which cancels the call on the worker.
+                final = msg if msg.finish_reason else None
+                break
+            text, tokens = asm.take()
+            if text or tokens or not started:  # always an event at the first message
+                started = True
+                yield Delta(text, tokens)
+    assert first_at is not None  # messages() raises rather than end without a finish
+    worker_stop = None
+    if final is not None and final.WhichOneof("stop_reason") == "stop_string":
+        worker_stop = final.stop_string
+    rest, tokens = asm.finish(worker_stop)
+    reason = "stop" if asm.stopped else (final.finish_reason if final else "stop")
+    done = time.monotonic()
+    n = len(asm.token_ids)
+    metrics.observe_finish(first_at - arrival, done - arrival, n)
+    worker = call.worker.address if call.worker is not None else ""
+    yield Finish(
+        delta=Delta(rest, tokens),
+        reason=reason,
+        text=asm.text,
+        prompt_tokens=len(prepared.prompt_ids),
+        completion_tokens=n,
+        timings=_timings(
+            first_timings, final, worker, call.attempts, first_at - arrival, done - arrival
+        ),
+    )
+
+
+def _push_all(asm: TextAssembler, msg: pb.GenerateResponse) -> None:
+    k = len(msg.token_ids)
+    # The engine matches no stop string on a token that ended the request by
+    # EOS or a stop token (finish "stop" without a stop string).
+    ended_by_token = msg.finish_reason == "stop" and msg.WhichOneof("stop_reason") != "stop_string"
+    for i, token in enumerate(msg.token_ids):
+        logprob = msg.logprobs[i] if i < len(msg.logprobs) else None
+        asm.push(token, logprob, check_stop=not (ended_by_token and i == k - 1))
+        if asm.stopped:
+            break
+
+
+def _timings(
+    first: pb.Timings | None,
+    final: pb.GenerateResponse | None,
+    decode_address: str,
+    attempts: int,
+    ttft_s: float,
+    e2e_s: float,
+) -> dict[str, Any]:
+    """Where the time went: the worker's Timings (the final message's, falling
+    back to the first message's for fields it left 0) and the router's view."""
+    last = final.timings if final is not None and final.HasField("timings") else None
+    sources = [t for t in (last, first) if t is not None]
+
+    def pick(name: str) -> Any:
+        for t in sources:
+            value = getattr(t, name)
+            if value:
+                return value
+        return getattr(pb.Timings(), name)  # the field's zero
+
+    return {
+        "ttft_s": round(ttft_s, 6),  # client-seen: arrival at the router to first token
+        "e2e_s": round(e2e_s, 6),
+        "worker_ttft_s": pick("ttft_s"),
+        "queue_s": pick("queue_s"),
+        "prefill_s": pick("prefill_s"),
+        "kv_transfer_s": pick("kv_transfer_s"),
+        "kv_transfer_bytes": pick("kv_transfer_bytes"),
+        "decode_s": pick("decode_s"),
+        "num_preemptions": pick("num_preemptions"),
+        "prefill_worker": pick("prefill_address") or decode_address,
+        "decode_worker": decode_address,
+        "attempts": attempts,
+    }

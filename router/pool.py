@@ -1,0 +1,277 @@
+"""The workers the router knows: their health, their last Status, and the
+router's own count of what it sent them since.
+
+A background task polls every worker's Status; a failed poll or call marks
+the worker unhealthy (with the error), a successful poll marks it healthy
+again. Selection reads the last Status plus the router's own in-flight
+estimate, so a burst of requests between two polls spreads out instead of
+landing on whichever worker looked emptiest at the last poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+
+from protos import splitserve_pb2 as pb
+from protos import splitserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("splitserve.router")
+
+DECODE_ROLES = ("decode", "colocated")
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    # A worker that restarts must be reachable again within a poll or two,
+    # not after gRPC's default reconnect backoff (up to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker, as the router sees it. Only WorkerPool changes its fields."""
+
+    address: str
+    pool: Literal["decode", "prefill"]  # which command-line flag named it
+    channel: grpc.aio.Channel | None = None
+    status: pb.WorkerStatus | None = None  # the last successful poll's answer
+    status_time: float = 0.0  # monotonic time that poll was sent
+    healthy: bool = False  # no until a poll succeeds
+    last_error: str | None = None
+    last_seen: float | None = None  # monotonic time of the last successful poll
+    # The router's own bookkeeping, live:
+    in_flight: int = 0  # D: Generate calls open to it now
+    # D: (send time, KV blocks) of calls sent; those after status_time are not
+    # yet in status.kv_blocks_free.
+    dispatched: deque[tuple[float, int]] = field(default_factory=deque)
+    # P: prompt tokens of requests that ranked it first and have no first token yet.
+    pending_prompt_tokens: int = 0
+    full_at: float = -1.0  # D: monotonic time it last answered RESOURCE_EXHAUSTED
+
+    @property
+    def role(self) -> str:
+        """What the worker says it is; before it said anything, what it was configured as."""
+        return self.status.role if self.status is not None else self.pool
+
+    @property
+    def block_size(self) -> int:
+        return max(1, self.status.block_size) if self.status is not None else 16
+
+    def est_free_blocks(self) -> int:
+        """Free KV blocks at the last poll, minus what the router sent since."""
+        if self.status is None or self.full_at >= self.status_time:
+            return 0  # it said it is full since the last poll: believe it until the next
+        unseen = sum(blocks for t, blocks in self.dispatched if t >= self.status_time)
+        return self.status.kv_blocks_free - unseen
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        """One row of GET /cluster."""
+        s = self.status
+        return {
+            "role": self.role,
+            "address": self.address,
+            "pid": s.pid if s else None,
+            "healthy": self.healthy,
+            "kv_blocks_total": s.kv_blocks_total if s else None,
+            "kv_blocks_free": s.kv_blocks_free if s else None,
+            "block_size": s.block_size if s else None,
+            "running": s.running if s else None,
+            "waiting": s.waiting if s else None,
+            "waiting_prompt_tokens": s.waiting_prompt_tokens if s else None,
+            "awaiting_kv": s.awaiting_kv if s else None,
+            "held": s.held if s else None,
+            "metrics_port": s.metrics_port if s else None,
+            "num_steps": s.num_steps if s else None,
+            "mean_batch_size": s.mean_batch_size if s else None,
+            "num_preemptions": s.num_preemptions if s else None,
+            "max_model_len": s.max_model_len if s else None,
+            "router_in_flight": self.in_flight,
+            "last_error": self.last_error,
+            "last_seen_s_ago": round(now - self.last_seen, 3) if self.last_seen else None,
+        }
+
+
+class WorkerPool:
+    """Decode (or colocated) workers and prefill workers, by address."""
+
+    def __init__(
+        self,
+        decode: Sequence[str],
+        prefill: Sequence[str],
+        *,
+        poll_interval_s: float = 0.5,
+        poll_timeout_s: float = 1.0,
+    ) -> None:
+        self.decode = [Worker(a, "decode") for a in dict.fromkeys(decode)]
+        self.prefill = [Worker(a, "prefill") for a in dict.fromkeys(prefill)]
+        self.poll_interval_s = poll_interval_s
+        self.poll_timeout_s = poll_timeout_s
+        self._task: asyncio.Task[None] | None = None
+        self._rr = itertools.count()  # round-robin tie-break between equals
+
+    @property
+    def workers(self) -> list[Worker]:
+        return self.decode + self.prefill
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open channels (in the running loop: grpc.aio binds them to it), poll
+        once so the first request sees real health, then poll in the background."""
+        for w in self.workers:
+            w.channel = grpc.aio.insecure_channel(w.address, options=CHANNEL_OPTIONS)
+        await self.poll_all()
+        self._task = asyncio.create_task(self._poll_loop(), name="router-worker-poll")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for w in self.workers:
+            if w.channel is not None:
+                await w.channel.close()
+                w.channel = None
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.poll_all()
+            except Exception:  # the loop must outlive any one bad answer
+                log.exception("polling workers failed")
+
+    # -- health ----------------------------------------------------------------
+
+    async def poll_all(self) -> None:
+        """Ask every worker for its Status now, concurrently."""
+        await asyncio.gather(*(self._poll(w) for w in self.workers))
+
+    async def _poll(self, w: Worker) -> None:
+        if w.channel is None:
+            return
+        stub: Any = (
+            pb_grpc.DecodeWorkerStub(w.channel)
+            if w.pool == "decode"
+            else pb_grpc.PrefillWorkerStub(w.channel)
+        )
+        sent = time.monotonic()
+        try:
+            status = await stub.Status(
+                pb.StatusRequest(), timeout=self.poll_timeout_s, wait_for_ready=False
+            )
+        except grpc.aio.AioRpcError as e:
+            self.mark_unhealthy(w, f"Status: {e.code().name}: {e.details()}")
+            return
+        if sent < w.status_time:  # a newer poll already answered
+            return
+        w.status, w.status_time, w.last_seen = status, sent, time.monotonic()
+        while w.dispatched and w.dispatched[0][0] < sent:
+            w.dispatched.popleft()
+        expected = DECODE_ROLES if w.pool == "decode" else ("prefill",)
+        if status.role not in expected:
+            self.mark_unhealthy(
+                w, f"configured as a {w.pool} worker but its role is {status.role!r}"
+            )
+            return
+        if not w.healthy:
+            log.info("worker %s (%s) is healthy", w.address, status.role)
+        w.healthy = True
+
+    def mark_unhealthy(self, w: Worker, error: str) -> None:
+        if w.healthy:
+            log.warning("worker %s is unhealthy: %s", w.address, error)
+        w.healthy = False
+        w.last_error = error
+
+    def mark_full(self, w: Worker) -> None:
+        """`w` refused a request for want of KV blocks."""
+        w.full_at = time.monotonic()
+
+    @property
+    def healthy_decode(self) -> list[Worker]:
+        return [w for w in self.decode if w.healthy]
+
+    @property
+    def healthy_prefill(self) -> list[Worker]:
+        return [w for w in self.prefill if w.healthy]
+
+    # -- selection -------------------------------------------------------------
+
+    def pick_decode(self, prompt_len: int, exclude: set[str]) -> Worker | None:
+        """The best healthy decode worker not in `exclude`, or None.
+
+        Order: those whose (estimated) free blocks fit the prompt first (a hint:
+        the worker alone decides), then most free blocks, then fewest requests
+        running and queued, then round-robin.
+        """
+        candidates = [
+            (i, w) for i, w in enumerate(self.decode) if w.healthy and w.address not in exclude
+        ]
+        if not candidates:
+            return None
+        turn = next(self._rr)
+        n = len(self.decode)
+
+        def key(iw: tuple[int, Worker]) -> tuple[bool, int, int, int]:
+            i, w = iw
+            free = w.est_free_blocks()
+            need = -(-prompt_len // w.block_size)
+            load = (w.status.running + w.status.waiting) if w.status else 0
+            return (free < need, -free, load + w.in_flight, (i - turn) % n)
+
+        return min(candidates, key=key)[1]
+
+    def rank_prefill(self, decode: Worker) -> list[Worker]:
+        """Healthy prefill workers for `decode` to try, best first; none for a
+        colocated worker.
+
+        Load is the larger of the queued prompt tokens the worker reported and
+        the router's own count of prompt tokens sent its way that have no first
+        token yet (the report lags a burst; the count misses other routers).
+        """
+        if decode.role == "colocated":
+            return []
+        turn = next(self._rr)
+        n = max(1, len(self.prefill))
+        ranked = sorted(
+            ((i, w) for i, w in enumerate(self.prefill) if w.healthy),
+            key=lambda iw: (
+                max(
+                    iw[1].status.waiting_prompt_tokens if iw[1].status else 0,
+                    iw[1].pending_prompt_tokens,
+                ),
+                (iw[0] - turn) % n,
+            ),
+        )
+        return [w for _, w in ranked]
+
+    def dispatched(self, decode: Worker, prefill: Sequence[Worker], prompt_len: int) -> None:
+        """Count a Generate call about to go to `decode`."""
+        decode.in_flight += 1
+        decode.dispatched.append((time.monotonic(), -(-prompt_len // decode.block_size)))
+        if prefill:
+            prefill[0].pending_prompt_tokens += prompt_len
+
+    def first_token(self, prefill: Sequence[Worker], prompt_len: int) -> None:
+        """The prompt is computed: it no longer loads its prefill worker."""
+        if prefill:
+            prefill[0].pending_prompt_tokens -= prompt_len
+
+    def ended(self, decode: Worker) -> None:
+        """A Generate call to `decode` ended, however it ended."""
+        decode.in_flight -= 1

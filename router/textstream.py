@@ -1,0 +1,108 @@
+"""Token ids in, text out, never past a stop string.
+
+The decode worker checks stop strings too and finishes the request at the
+token that completes one; the router checks them again on its own text so
+that no character past a stop string ever reaches the client, even when the
+worker's text and the router's disagree or the worker is late to stop.
+
+While the request runs, the last (longest stop string - 1) characters are
+held back: a stop string could still be completing across them. They are
+released once more text proves they are not part of a stop string, or at the
+end. A stop string found is cut off with everything after it.
+
+The final text equals what the offline engine returns for the same tokens:
+the incremental text cut at the stop string when one ended the request, else
+`tokenizer.decode(token_ids, skip_special_tokens=True)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """One sampled token, for the logprobs fields of a response."""
+
+    token_id: int
+    text: str  # the token decoded on its own
+    logprob: float | None  # None if the worker sent none
+    offset: int  # where the text this token completed starts, in the output text
+
+
+class TextAssembler:
+    """One request's output text, built token by token (O(1) work per token)."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], *, logprobs: bool) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max(0, max((len(s) for s in stop), default=0) - 1)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.token_ids: list[int] = []
+        self.stop_string: str | None = None  # set once a stop string ended the text
+        self.want_logprobs = logprobs
+        self._emitted = 0  # characters of text already handed out
+        self._tokens: list[TokenInfo] = []  # logprob entries not yet handed out
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_string is not None
+
+    def push(self, token_id: int, logprob: float | None, *, check_stop: bool = True) -> None:
+        """Add one generated token. `check_stop` False for a token that itself
+        ended the request (EOS or a stop token): the engine matches no stop
+        string on it, and neither may the router, or their texts would differ."""
+        assert not self.stopped, "no tokens after a stop string"
+        offset = len(self.detok.text)
+        self.token_ids.append(token_id)
+        new = self.detok.push(token_id)
+        if self.want_logprobs:
+            text = str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+            self._tokens.append(TokenInfo(token_id, text, logprob, offset))
+        if new and check_stop and self.stop:
+            hit = find_stop(self.detok.text, len(new), self.stop)
+            if hit is not None:
+                # Hold-back keeps the cut at or after what was emitted: the
+                # stop string began at most `hold` characters before `new`.
+                self.detok.text = self.detok.text[: hit[0]]
+                self.stop_string = hit[1]
+
+    def take(self) -> tuple[str, list[TokenInfo]]:
+        """The text safe to send now, and the logprob entries since the last take."""
+        text = self.detok.text
+        end = len(text) if self.stopped else max(self._emitted, len(text) - self.hold)
+        delta = text[self._emitted : end]
+        self._emitted = end
+        tokens, self._tokens = self._tokens, []
+        return delta, tokens
+
+    def finish(self, worker_stop_string: str | None = None) -> tuple[str, list[TokenInfo]]:
+        """The request ended: the rest of the text and logprob entries. After
+        this, `text` is the whole output."""
+        sent = self.detok.text[: self._emitted]
+        if self.stopped:
+            final = self.detok.text
+        else:
+            final = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+            if worker_stop_string:
+                # The worker saw a stop string the router's text did not (it
+                # cannot, with the same tokenizer): still never send past it.
+                cut = final.find(worker_stop_string, len(sent))
+                if cut != -1:
+                    final = final[:cut]
+                    self.stop_string = worker_stop_string
+            if not final.startswith(sent):
+                # A tokenizer whose windowed decode differs from the whole one:
+                # what was sent stands, so keep to the incremental text.
+                final = self.detok.text
+        self.detok.text = final
+        self._emitted = max(self._emitted, len(final))
+        tokens, self._tokens = self._tokens, []
+        return final[len(sent) :], tokens
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
