@@ -108,7 +108,9 @@ class LocalCluster:
         # neighbour worker needs; make them sleep.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         with open(log_file, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            )
         log.info("started %s-%d (pid %d), log %s", role, index, proc.pid, log_file)
         return WorkerProcess(role, index, proc, ready, log_file)
 
@@ -176,6 +178,10 @@ class LocalCluster:
         """Start the workers, serve the router until interrupted, stop the workers."""
         from router.server import RouterConfig, serve
 
+        # uvicorn re-raises SIGTERM after its own shutdown; as an exception
+        # (not the default action, which kills at once) it reaches `finally`
+        # below, and the workers are stopped.
+        signal.signal(signal.SIGTERM, _raise_system_exit)
         self.start_workers()
         spec = self.spec
         config = RouterConfig(
@@ -204,6 +210,23 @@ def _banner(url: str, model: str, workers: Sequence[WorkerProcess]) -> str:
     lines.append(f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
     lines.append(f"Cluster state: curl -s {url}/cluster   Ctrl-C stops everything.")
     return "\n".join(lines)
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher dies, even by
+    SIGKILL, so no worker outlives its cluster (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tail(path: Path, lines: int = 20) -> str:

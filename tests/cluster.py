@@ -73,8 +73,9 @@ class ServeCluster:
                 return state
             time.sleep(0.2)
 
-    def stop(self) -> None:
-        """SIGTERM the serve process (it stops its workers); SIGKILL what is left."""
+    def stop(self) -> list[int]:
+        """SIGTERM the serve process, which must stop its workers. Returns the
+        workers still alive 15 s later (killed then: a leak to report)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -82,10 +83,28 @@ class ServeCluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pid in self.worker_pids:  # only the workers this cluster started
+        deadline = time.monotonic() + 15
+        while any(map(_alive, self.worker_pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leaked = [pid for pid in self.worker_pids if _alive(pid)]
+        for pid in leaked:  # only the workers this cluster started
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self._log.close()
+        return leaked
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by init counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return "\nState:\tZ" not in status
 
 
 def _idle(w: dict) -> bool:

@@ -149,3 +149,35 @@ def test_usage_errors_exit_2(cli_env):
     assert proc.returncode == 2 and "usage:" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli(cli_env, "make-model", "/tmp/x", "--preset", "huge", timeout=60)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_serve_help_and_bad_arguments():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "serve", "--help"], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "--colocated" in r.stdout and "--prefill" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "serve", "--prefill", "0", "--model", "/nonexistent"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "prefill" in r.stderr
+
+
+def test_worker_with_a_missing_model_fails_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    for module in ("prefill_worker", "decode_worker"):
+        r = subprocess.run(
+            [sys.executable, "-m", module, "--model", str(tmp_path / "nope")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and "nope" in r.stderr

@@ -24,7 +24,7 @@ def small_cache(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "backpressure.log"
     c = ServeCluster(tiny_llama, log, "--dtype", "float32", "--kv-cache-mib", "1", "--threads", "1")
     yield c
-    c.stop()
+    assert c.stop() == [], "workers outlived their cluster"
 
 
 def test_a_full_decode_worker_means_503_then_success(small_cache):

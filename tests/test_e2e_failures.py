@@ -39,7 +39,7 @@ def cluster(tiny_llama, tmp_path_factory):
         "--kv-reservation-ttl", str(TTL_S),
     )  # fmt: skip
     yield c
-    c.stop()
+    assert c.stop() == [], "workers outlived their cluster"
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ MAX_TOKENS = [12, 40, 7, 25, 33, 18]
 def disagg(tiny_llama, tmp_path_factory):
     c = ServeCluster(tiny_llama, tmp_path_factory.mktemp("logs") / "disagg.log", *WORKER_ARGS)
     yield c
-    c.stop()
+    assert c.stop() == [], "workers outlived their cluster"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def colocated(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "colocated.log"
     c = ServeCluster(tiny_llama, log, "--colocated", "1", *WORKER_ARGS)
     yield c
-    c.stop()
+    assert c.stop() == [], "workers outlived their cluster"
 
 
 @pytest.fixture(scope="module")
