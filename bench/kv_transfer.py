@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES
+
 # The default model's KV layout: 8 layers, 4 KV heads of 64, bfloat16.
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 8, 4, 64, 16
 
@@ -54,7 +56,7 @@ def make_layers(num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # -- (a) gRPC ---------------------------------------------------------------------
 
 
-def _grpc_server(port_q: mp.Queue, num_tokens: int, repeats: int) -> None:
+def _grpc_server(port_q: mp.Queue, num_tokens: int, repeats: int, chunk_bytes: int) -> None:
     import grpc
 
     from kvtransfer.base import split_layer
@@ -71,7 +73,7 @@ def _grpc_server(port_q: mp.Queue, num_tokens: int, repeats: int) -> None:
             for r in range(repeats):
                 for layer, (k, v) in enumerate(layers):
                     # Encode per send, as the worker does (the copy is part of the cost).
-                    for chunk in split_layer(f"r{r}", layer, blocks, k, v):
+                    for chunk in split_layer(f"r{r}", layer, blocks, k, v, chunk_bytes):
                         await context.write(pb.PrefillServerMessage(kv=chunk_to_proto(chunk)))
             await context.write(pb.PrefillServerMessage(done=pb.KvDone()))
 
@@ -86,7 +88,7 @@ def _grpc_server(port_q: mp.Queue, num_tokens: int, repeats: int) -> None:
     asyncio.run(main())
 
 
-def bench_grpc(num_tokens: int, repeats: int) -> tuple[float, int]:
+def bench_grpc(num_tokens: int, repeats: int, chunk_bytes: int) -> tuple[float, int]:
     import grpc
 
     from kvtransfer import KvReceiver
@@ -96,7 +98,9 @@ def bench_grpc(num_tokens: int, repeats: int) -> tuple[float, int]:
 
     ctx = mp.get_context("spawn")
     port_q: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_grpc_server, args=(port_q, num_tokens, repeats), daemon=True)
+    proc = ctx.Process(
+        target=_grpc_server, args=(port_q, num_tokens, repeats, chunk_bytes), daemon=True
+    )
     proc.start()
     port = port_q.get(timeout=60)
     n_blocks = num_tokens // BLOCK
@@ -194,7 +198,8 @@ def start_worker(module: str, model: str, workdir: Path, name: str, extra: list[
     cmd = [sys.executable, "-m", module, "--model", model, "--ready-file", str(ready)]
     cmd += ["--kv-cache-mib", "128", "--metrics-port", "-1", *extra]
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # as `splitserve serve` runs them
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     for _ in range(1200):
         if ready.exists():
             return proc, json.loads(ready.read_text())["address"]
@@ -247,15 +252,24 @@ def bench_ttft(prompt_lens: list[int], trials: int) -> list[dict]:
             d_stub, c_stub = pb_grpc.DecodeWorkerStub(d_ch), pb_grpc.DecodeWorkerStub(c_ch)
             for n in prompt_lens:
                 ids = [16 + (i * 7919) % 30000 for i in range(n)]
-                dis, colo, xfer = [], [], []
-                for t in range(trials + 1):  # first round warms up
-                    ttft_d, tim = await one(d_stub, ids, [p_addr], f"d{n}-{t}")
-                    ttft_c, _ = await one(c_stub, ids, [], f"c{n}-{t}")
-                    if t:
-                        dis.append(ttft_d)
-                        colo.append(ttft_c)
-                        xfer.append(tim.kv_transfer_s)
-                        nbytes = tim.kv_transfer_bytes
+                dis, colo, xfer, hop_d, hop_c = [], [], [], [], []
+                for t in range(trials + 1):  # the first round warms up
+                    # Alternate which goes first, so drift on a noisy machine
+                    # does not always favour one.
+                    order = [("d", d_stub, [p_addr]), ("c", c_stub, [])]
+                    results = {}
+                    for name, stub, prefill in order if t % 2 else order[::-1]:
+                        results[name] = await one(stub, ids, prefill, f"{name}{n}-{t}")
+                    if not t:
+                        continue
+                    (ttft_d, tim_d), (ttft_c, tim_c) = results["d"], results["c"]
+                    dis.append(ttft_d)
+                    colo.append(ttft_c)
+                    xfer.append(tim_d.kv_transfer_s)
+                    nbytes = tim_d.kv_transfer_bytes
+                    # What serving added on top of the prompt's own compute.
+                    hop_d.append(ttft_d - tim_d.prefill_s)
+                    hop_c.append(ttft_c - tim_c.prefill_s)
                 md, mc = statistics.median(dis), statistics.median(colo)
                 rows.append(
                     {
@@ -263,6 +277,8 @@ def bench_ttft(prompt_lens: list[int], trials: int) -> list[dict]:
                         "ttft_disagg_ms": md * 1e3,
                         "ttft_colocated_ms": mc * 1e3,
                         "added_pct": (md / mc - 1) * 100,
+                        "overhead_disagg_ms": statistics.median(hop_d) * 1e3,
+                        "overhead_colocated_ms": statistics.median(hop_c) * 1e3,
                         "kv_transfer_ms": statistics.median(xfer) * 1e3,
                         "kv_bytes": nbytes,
                     }
@@ -283,7 +299,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="prompt tokens per KV payload")
     ap.add_argument("--repeats", type=int, default=16, help="payloads per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="side-by-side rounds (median)")
-    ap.add_argument("--trials", type=int, default=5, help="TTFT requests per prompt length")
+    ap.add_argument("--trials", type=int, default=9, help="TTFT requests per prompt length")
+    ap.add_argument(
+        "--chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES, help="KV chunk size cap"
+    )
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
@@ -293,7 +312,11 @@ def main() -> None:
     print(f"payload: the KV of a {args.tokens}-token prompt, {mib:.0f} MiB, x{args.repeats}")
     rates: dict[str, list[float]] = {"grpc": [], "tcp": [], "memcpy": []}
     for _ in range(args.rounds):
-        for name, fn in (("grpc", bench_grpc), ("tcp", bench_tcp), ("memcpy", bench_memcpy)):
+        for name, fn in (
+            ("grpc", lambda n, r: bench_grpc(n, r, args.chunk_bytes)),
+            ("tcp", bench_tcp),
+            ("memcpy", bench_memcpy),
+        ):
             secs, nbytes = fn(args.tokens, args.repeats)
             rates[name].append(nbytes / secs / 1e9)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -311,12 +334,15 @@ def main() -> None:
 
     if not args.skip_ttft:
         rows = bench_ttft([512, 2048], args.trials)
-        head = ("prompt", "TTFT disagg", "colocated", "added", "KV xfer", "KV MiB")
-        print("\n" + "".join(f"{h:>{w}}" for h, w in zip(head, (7, 13, 11, 8, 9, 8), strict=True)))
+        head = ("prompt", "TTFT disagg", "colocated", "added", "overhead d/c", "KV xfer", "KV MiB")
+        widths = (7, 13, 11, 8, 15, 9, 8)
+        print("\n" + "".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
         for r in rows:
             print(
                 f"{r['prompt_tokens']:>7}{r['ttft_disagg_ms']:>11.1f}ms{r['ttft_colocated_ms']:>9.1f}ms"
-                f"{r['added_pct']:>7.1f}%{r['kv_transfer_ms']:>7.1f}ms{r['kv_bytes'] / 2**20:>8.1f}"
+                f"{r['added_pct']:>7.1f}%"
+                f"{r['overhead_disagg_ms']:>7.1f}/{r['overhead_colocated_ms']:.1f}ms"
+                f"{r['kv_transfer_ms']:>7.1f}ms{r['kv_bytes'] / 2**20:>8.1f}"
             )
         results["ttft"] = rows
     if args.json:

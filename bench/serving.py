@@ -1,13 +1,13 @@
 """The cost of serving: the seed workload over HTTP against the offline engine.
 
 The same requests (the engine benchmark's seed workload: ~128-token prompts,
-output lengths drawn from {32, ..., 512}, EOS ignored), four ways, one after
-the other in this run:
+output lengths drawn from {32, ..., 512}, EOS ignored), three ways:
   (a) offline: the engine in this process, at most 16 requests running
       (the same concurrency the HTTP runs allow);
   (b) `splitserve serve --colocated 1`, 16 streaming requests in flight;
   (c) `splitserve serve` (1 prefill + 1 decode), 16 in flight;
-  (d) offline again (the machine is noisy: the reference is the mean of a and d).
+repeated for --rounds interleaved rounds (the machine is noisy); each figure
+is the median over rounds.
 
 Per HTTP run: output tokens/s, and the latency figures as vLLM's `bench
 serve` defines them: TTFT (send to first token), TPOT ((e2e - TTFT) /
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 
+from engine import LLM
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_throughput import Workload
 
@@ -60,12 +62,10 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def run_offline(model: str, w: Workload, args: argparse.Namespace) -> float:
-    from engine import LLM, SamplingParams
+def run_offline(llm: LLM, w: Workload) -> float:
+    from engine import SamplingParams
 
-    llm = LLM(model, max_num_seqs=CONCURRENCY, kv_cache_bytes=args.kv_cache_mib << 20)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
-    llm.generate(w.prompts[:4], params[:4], use_tqdm=False)  # warm up
     start = time.perf_counter()
     outs = llm.generate(w.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -109,7 +109,7 @@ async def run_http(url: str, w: Workload) -> tuple[float, list[RequestTiming], d
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
 
-        async def one(i: int, timing: RequestTiming) -> None:
+        async def one_of(w: Workload, i: int, timing: RequestTiming) -> None:
             body = {
                 "model": model,
                 "prompt": w.prompts[i],
@@ -138,8 +138,9 @@ async def run_http(url: str, w: Workload) -> tuple[float, list[RequestTiming], d
                         timing.chunk_times.append(now)
                         timing.last = now
 
-        for i in range(min(4, len(w.prompts))):  # warm up
-            await one(i, RequestTiming(time.perf_counter()))
+        short = Workload(w.prompts[:2], [8, 8])
+        for i in range(2):  # warm up
+            await one_of(short, i, RequestTiming(time.perf_counter()))
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(len(w.prompts)):
             queue.put_nowait(i)
@@ -149,7 +150,7 @@ async def run_http(url: str, w: Workload) -> tuple[float, list[RequestTiming], d
             while not queue.empty():
                 i = queue.get_nowait()
                 timings[i].sent = time.perf_counter()
-                await one(i, timings[i])
+                await one_of(w, i, timings[i])
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
@@ -186,6 +187,7 @@ def main() -> None:
     ap.add_argument("--model", help="model directory (default: the built-in default model)")
     ap.add_argument("--num-requests", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
     ap.add_argument("--kv-cache-mib", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
     ap.add_argument("--json", help="write the results here")
@@ -201,38 +203,48 @@ def main() -> None:
     print(f"{args.num_requests} requests, {w.output_tokens} output tokens, {CONCURRENCY} in flight")
     logdir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
     extra = ["--threads", str(args.threads)] if args.threads else []
-
-    results: dict = {"offline_tok_s": []}
-    results["offline_tok_s"].append(run_offline(args.model, w, args))
-    print(f"offline (max {CONCURRENCY} running): {results['offline_tok_s'][-1]:.0f} tok/s")
-    for name, serve_args in (("colocated", ["--colocated", "1"]), ("1P+1D", [])):
-        with cluster(
-            args.model, serve_args + extra, logdir / f"{name}.log", args.kv_cache_mib
-        ) as url:
-            elapsed, timings, state = asyncio.run(run_http(url, w))
-        r = summarize(elapsed, timings, w.output_tokens)
-        r["mean_batch"] = max(x["mean_batch_size"] for x in state["workers"])
-        results[name] = r
-        print(f"{name}: {r['tok_s']:.0f} tok/s, complete={r['complete']}")
-    results["offline_tok_s"].append(run_offline(args.model, w, args))
-    offline = statistics.mean(results["offline_tok_s"])
-    print(f"offline again: {results['offline_tok_s'][-1]:.0f} tok/s; reference {offline:.0f}")
-
+    modes = {"colocated": ["--colocated", "1"], "1P+1D": []}
+    llm = LLM(args.model, max_num_seqs=CONCURRENCY, kv_cache_bytes=args.kv_cache_mib << 20)
+    run_offline(llm, Workload(w.prompts[:2], [8, 8]))  # warm up
+    rates: dict[str, list[float]] = {"offline": [], **{m: [] for m in modes}}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    with contextlib.ExitStack() as stack:
+        urls = {
+            m: stack.enter_context(
+                cluster(args.model, a + extra, logdir / f"{m}.log", args.kv_cache_mib)
+            )
+            for m, a in modes.items()
+        }
+        # Interleaved, so drift on a noisy machine hits every mode alike.
+        for round_no in range(args.rounds):
+            rates["offline"].append(run_offline(llm, w))
+            for m, url in urls.items():
+                elapsed, timings, state = asyncio.run(run_http(url, w))
+                res = summarize(elapsed, timings, w.output_tokens)
+                res["mean_batch"] = max(x["mean_batch_size"] for x in state["workers"])
+                runs[m].append(res)
+                rates[m].append(res["tok_s"])
+            latest = ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in rates.items())
+            print(f"round {round_no + 1}: {latest}")
+    offline = statistics.median(rates["offline"])
     print(
         f"\n{'run':<11}{'tok/s':>7}{'vs offline':>11}{'TTFT p50':>10}{'p99':>8}"
         f"{'TPOT p50':>10}{'p99':>7}{'ITL p50':>9}{'p99':>7}"
     )
-    for name in ("colocated", "1P+1D"):
-        r = results[name]
-        r["vs_offline"] = r["tok_s"] / offline
+    print(f"{'offline':<11}{offline:>7.0f}{100.0:>10.1f}%")
+    results: dict = {"rates": rates, "runs": runs}
+    for m in modes:
+        r = min(runs[m], key=lambda x: abs(x["tok_s"] - statistics.median(rates[m])))
+        ratio = statistics.median(rates[m]) / offline
+        results[m] = {**r, "vs_offline": ratio}
         print(
-            f"{name:<11}{r['tok_s']:>7.0f}{r['vs_offline'] * 100:>10.1f}%"
+            f"{m:<11}{statistics.median(rates[m]):>7.0f}{ratio * 100:>10.1f}%"
             f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p99_ms']:>6.0f}ms"
             f"{r['tpot_p50_ms']:>8.1f}ms{r['tpot_p99_ms']:>5.1f}ms"
             f"{r['itl_p50_ms']:>7.1f}ms{r['itl_p99_ms']:>5.1f}ms"
         )
-        if not r["complete"]:
-            print(f"  INCOMPLETE: {r['errors']}")
+        if not all(x["complete"] for x in runs[m]):
+            print(f"  INCOMPLETE: {[x['errors'] for x in runs[m]]}")
     print(f"logs: {logdir}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -26,7 +26,7 @@ import torch
 # One chunk's key+value payload stays under this: small enough to pipeline
 # (the receiver writes chunk i while chunk i+1 is on the wire), big enough
 # that per-message overhead is noise.
-DEFAULT_MAX_CHUNK_BYTES = 4 << 20
+DEFAULT_MAX_CHUNK_BYTES = 1 << 20
 
 
 class KvRejected(Exception):
