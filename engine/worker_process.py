@@ -17,15 +17,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 
 def setup_logging(name: str, verbose: bool = False) -> None:
-    # The engine thread hands the GIL back and forth with the event loop
-    # thread at every torch op; at the default 5 ms switch interval a busy
-    # loop (streaming tokens) stalls the engine thread for whole
-    # milliseconds between ops.
-    switch = os.environ.get("SPLITSERVE_SWITCH_INTERVAL")
-    if switch:
-        import sys
-
-        sys.setswitchinterval(float(switch))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format=f"%(asctime)s %(levelname)s {name}[{os.getpid()}]: %(message)s",
