@@ -18,6 +18,7 @@ import grpc
 from engine.sampling_params import SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
+from protos.convert import params_to_pb
 from router.errors import APIError, bad_request, no_capacity
 from router.metrics import RouterMetrics
 from router.pool import Worker, WorkerPool
@@ -34,23 +35,6 @@ _RETRY_REASONS = {
 class WorkerFailed(Exception):
     """The decode worker failed after its first token: the client may
     already hold tokens, so the request cannot move."""
-
-
-def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
-    msg = pb.SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        max_tokens=p.max_tokens,
-        ignore_eos=p.ignore_eos,
-        stop=list(p.stop),
-        stop_token_ids=list(p.stop_token_ids),
-    )
-    if p.seed is not None:
-        msg.seed = p.seed
-    if p.logprobs is not None:
-        msg.logprobs = p.logprobs
-    return msg
 
 
 class DecodeCall:
@@ -82,7 +66,7 @@ class DecodeCall:
         tried: set[str] = set()
         reasons: list[str] = []
         n = len(self.prompt_ids)
-        sampling = sampling_to_proto(self.params)
+        sampling = params_to_pb(self.params)
         while True:
             w = self.pool.pick_decode(n, tried)
             if w is None or w.channel is None:
