@@ -84,6 +84,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self.prefill_clients = PrefillClients()
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
+        if self.aengine.error is not None:  # the router then marks us unhealthy
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
         return worker_status(self.aengine, self.role, self.address, self.metrics_port)
 
     async def Generate(

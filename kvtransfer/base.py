@@ -194,11 +194,5 @@ class KvReceiver:
         """Stop accepting chunks for the request (filled, aborted or expired)."""
         self._reservations.pop(request_id, None)
 
-    def expired(self, now: float | None = None) -> list[str]:
-        """Reservations past their deadline (still open: the caller frees
-        their blocks, then closes them)."""
-        now = time.monotonic() if now is None else now
-        return [rid for rid, res in self._reservations.items() if now > res.deadline]
-
     def __len__(self) -> int:
         return len(self._reservations)

@@ -56,6 +56,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         msg = await context.read()
         if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "request":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a PrefillRequest first")
+        if self.aengine.error is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
         r = msg.request
         rid = r.request_id
         req = self._make_request(r)
@@ -145,6 +147,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         m.compute_seconds.observe(_gap(out.scheduled_time, out.first_token_time))
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
+        if self.aengine.error is not None:  # the router then marks us unhealthy
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
         return worker_status(self.aengine, "prefill", self.address, self.metrics_port)
 
 
