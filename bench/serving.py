@@ -190,6 +190,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
     ap.add_argument("--kv-cache-mib", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    ap.add_argument(
+        "--stream-interval", type=int, default=1, help="decode workers send every N tokens"
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.model is None:
@@ -203,6 +206,7 @@ def main() -> None:
     print(f"{args.num_requests} requests, {w.output_tokens} output tokens, {CONCURRENCY} in flight")
     logdir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
     extra = ["--threads", str(args.threads)] if args.threads else []
+    extra += ["--stream-interval", str(args.stream_interval)]
     modes = {"colocated": ["--colocated", "1"], "1P+1D": []}
     llm = LLM(args.model, max_num_seqs=CONCURRENCY, kv_cache_bytes=args.kv_cache_mib << 20)
     run_offline(llm, Workload(w.prompts[:2], [8, 8]))  # warm up

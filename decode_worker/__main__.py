@@ -49,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
         help="seconds a KV reservation waits for its prefill before it expires and the "
         "prompt is prefilled here instead",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="send tokens to the router every N tokens (the first at once); >1 trades "
+        "streaming granularity for throughput",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     add_engine_args(p)
     return p
@@ -71,7 +78,13 @@ async def serve(args: argparse.Namespace) -> None:
     address = f"{args.host}:{port}"
     metrics_port = start_metrics_server(metrics.registry, args.metrics_port)
     servicer = DecodeServicer(
-        aengine, metrics, address, metrics_port, args.colocated, args.kv_reservation_ttl
+        aengine,
+        metrics,
+        address,
+        metrics_port,
+        args.colocated,
+        args.kv_reservation_ttl,
+        max(1, args.stream_interval),
     )
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
     aengine.start()

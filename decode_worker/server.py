@@ -68,6 +68,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         metrics_port: int,
         colocated: bool,
         kv_reservation_ttl_s: float,
+        stream_interval: int = 1,
     ) -> None:
         self.aengine = aengine
         self.engine: LLMEngine = aengine.engine
@@ -76,6 +77,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self.metrics_port = metrics_port
         self.role = "colocated" if colocated else "decode"
         self.kv_reservation_ttl_s = kv_reservation_ttl_s
+        self.stream_interval = stream_interval
         runner = self.engine.runner
         k_cache = runner.kv_caches[0][0]  # [num_blocks, block_size, kv_heads, head_dim]
         self.receiver = KvReceiver(
@@ -217,26 +219,31 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         result: PrefillResult,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.GenerateResponse]:
+        msg = pb.GenerateResponse(request_id=rid)
         while True:
             deltas = [await queue.get()]
             while not queue.empty():  # the router lags: send what piled up at once
                 deltas.append(queue.get_nowait())
-            msg = pb.GenerateResponse(request_id=rid)
+            first = progress.first_token_time is None
             finished = None
+            before = len(msg.token_ids)
             for delta in deltas:
                 if delta.error is not None:
                     await context.abort(grpc.StatusCode.INTERNAL, delta.error)
                 msg.token_ids.extend(delta.token_ids)
                 msg.logprobs.extend(delta.logprobs)
                 finished = delta.finished or finished
-            self._observe_tokens(len(msg.token_ids), progress)
+            self._observe_tokens(len(msg.token_ids) - before, progress)
             if finished is not None:
                 progress.finished = True
                 self._finish_message(msg, finished, progress, result)
                 yield msg
                 return
-            if msg.token_ids:
+            # The first token goes out at once (TTFT); later ones every
+            # stream_interval tokens (fewer messages when throughput matters more).
+            if len(msg.token_ids) >= self.stream_interval or (first and msg.token_ids):
                 yield msg
+                msg = pb.GenerateResponse(request_id=rid)
 
     def _observe_tokens(self, n: int, progress: _Progress) -> None:
         if n == 0:

@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     sv.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
     sv.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="decode workers send tokens every N tokens (the first at once)",
+    )
+    sv.add_argument(
         "--kv-reservation-ttl",
         type=float,
         default=120.0,
@@ -161,7 +167,12 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         worker_args=tuple(worker_args),
-        decode_args=("--kv-reservation-ttl", str(args.kv_reservation_ttl)),
+        decode_args=(
+            "--kv-reservation-ttl",
+            str(args.kv_reservation_ttl),
+            "--stream-interval",
+            str(args.stream_interval),
+        ),
         served_model_name=args.served_model_name,
     )
     LocalCluster(spec).serve()

@@ -39,7 +39,8 @@ def disagg(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def colocated(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "colocated.log"
-    c = ServeCluster(tiny_llama, log, "--colocated", "1", *WORKER_ARGS)
+    # Tokens every 3 (the first at once): output must not change.
+    c = ServeCluster(tiny_llama, log, "--colocated", "1", "--stream-interval", "3", *WORKER_ARGS)
     yield c
     assert c.stop() == [], "workers outlived their cluster"
 
@@ -121,6 +122,24 @@ def test_streaming_equals_non_streaming_with_usage(disagg):
     assert "".join(pieces) == text
     assert finish == "length"
     assert usage is not None and usage.completion_tokens == 33
+
+
+def test_stream_interval_sends_several_tokens_per_event(disagg, colocated):
+    def text_events(cluster: ServeCluster) -> int:
+        stream = client(cluster).completions.create(
+            model=model_name(cluster),
+            prompt=PROMPTS[4],
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        return sum(1 for chunk in stream for c in chunk.choices if c.text)
+
+    # Byte-level tokens can hold back partial characters, so "about 30" and
+    # "about 30 / 3" rather than exact counts.
+    assert text_events(disagg) >= 20
+    assert text_events(colocated) <= 14
 
 
 def test_raw_sse_ends_with_done(disagg):
