@@ -233,7 +233,7 @@ def main() -> None:
     offline = statistics.median(rates["offline"])
     print(
         f"\n{'run':<11}{'tok/s':>7}{'vs offline':>11}{'TTFT p50':>10}{'p99':>8}"
-        f"{'TPOT p50':>10}{'p99':>7}{'ITL p50':>9}{'p99':>7}"
+        f"{'TPOT p50':>10}{'p99':>7}{'ITL p50':>9}{'p99':>9}"
     )
     print(f"{'offline':<11}{offline:>7.0f}{100.0:>10.1f}%")
     results: dict = {"rates": rates, "runs": runs}
@@ -245,7 +245,7 @@ def main() -> None:
             f"{m:<11}{statistics.median(rates[m]):>7.0f}{ratio * 100:>10.1f}%"
             f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p99_ms']:>6.0f}ms"
             f"{r['tpot_p50_ms']:>8.1f}ms{r['tpot_p99_ms']:>5.1f}ms"
-            f"{r['itl_p50_ms']:>7.1f}ms{r['itl_p99_ms']:>5.1f}ms"
+            f"{r['itl_p50_ms']:>7.1f}ms{r['itl_p99_ms']:>7.1f}ms"
         )
         if not all(x["complete"] for x in runs[m]):
             print(f"  INCOMPLETE: {[x['errors'] for x in runs[m]]}")
