@@ -25,7 +25,9 @@ import torch
 
 # One chunk's key+value payload stays under this: small enough to pipeline
 # (the receiver writes chunk i while chunk i+1 is on the wire), big enough
-# that per-message overhead is noise.
+# that per-message overhead is noise. Measured over loopback grpc.aio
+# (bench/kv_transfer.py): 64 KiB-1 MiB chunks move 0.5-0.7 GB/s, 2-4 MiB
+# chunks 0.26-0.32 GB/s.
 DEFAULT_MAX_CHUNK_BYTES = 1 << 20
 
 
