@@ -114,7 +114,9 @@ class WorkerPool:
         *,
         poll_interval_s: float = 0.5,
         poll_timeout_s: float = 1.0,
+        vocab_size: int | None = None,
     ) -> None:
+        self.vocab_size = vocab_size  # the router's model: workers must match it
         self.decode = [Worker(a, "decode") for a in dict.fromkeys(decode)]
         self.prefill = [Worker(a, "prefill") for a in dict.fromkeys(prefill)]
         self.poll_interval_s = poll_interval_s
@@ -186,6 +188,14 @@ class WorkerPool:
         if status.role not in expected:
             self.mark_unhealthy(
                 w, f"configured as a {w.pool} worker but its role is {status.role!r}"
+            )
+            return
+        if self.vocab_size and status.vocab_size and status.vocab_size != self.vocab_size:
+            # A different model: its token ids would decode to garbage here.
+            self.mark_unhealthy(
+                w,
+                f"serves a model with vocab_size {status.vocab_size} ({status.model}); "
+                f"the router's model has {self.vocab_size}",
             )
             return
         if not w.healthy:

@@ -87,6 +87,7 @@ def build_app(config: RouterConfig) -> FastAPI:
         config.decode_addresses,
         config.prefill_addresses,
         poll_interval_s=config.poll_interval_s,
+        vocab_size=served.vocab_size,
     )
     gen = Generation(served, pool, metrics, config.max_body_bytes)
     started = int(time.time())

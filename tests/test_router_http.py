@@ -254,3 +254,38 @@ def test_prefill_ranking_counts_the_routers_own_unanswered_prompts():
     assert [p.address for p in pool.rank_prefill(d)] == ["p1:1", "p0:1"]
     pool.first_token(ranked, 500)
     assert [p.address for p in pool.rank_prefill(d)] == ["p0:1", "p1:1"]
+
+
+def test_a_worker_serving_another_model_is_never_used(model_dir, tmp_path):
+    """A real decode worker on a model with another vocabulary: the router
+    marks it unhealthy (its token ids would decode to garbage) and answers 503."""
+    import subprocess
+    import sys
+    import time
+
+    from engine.builtin_model import make_model
+
+    other = make_model(tmp_path / "other", preset="tiny", arch="llama", vocab_size=1024)
+    ready = tmp_path / "worker.ready"
+    cmd = [sys.executable, "-m", "decode_worker", "--model", str(other), "--kv-cache-mib", "4"]
+    cmd += ["--dtype", "float32", "--metrics-port", "-1", "--ready-file", str(ready)]
+    worker = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert worker.poll() is None and time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.1)
+        address = json.loads(ready.read_text())["address"]
+        app = build_app(RouterConfig(model=str(model_dir), decode_addresses=(address,)))
+        with TestClient(app) as c:
+            (w,) = c.get("/cluster").json()["workers"]
+            assert w["healthy"] is False and "vocab_size 1024" in w["last_error"]
+            r = c.post(C, json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 503
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
