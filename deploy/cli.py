@@ -74,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a decode worker's KV reservation waits for its prefill",
     )
 
+    cc = sub.add_parser(
+        "check-config",
+        help="validate a per-pool scaling config (YAML) and summarise it",
+        description="Load a scaling config (see deploy/examples/) and either print what it "
+        "describes or name every bad field and exit 2.",
+    )
+    cc.add_argument("config", help="path to the YAML file")
+
     gen = sub.add_parser(
         "generate",
         help="generate offline from one or more prompts",
@@ -179,6 +187,29 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    from deploy.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: valid")
+    print(f"  model: {config.model_path or '(built-in)'}; KV transport: {config.kv_transport}")
+    print(f"  router: {config.router.host}:{config.router.port}, policy {config.router.policy}")
+    for name in ("prefill", "decode", "colocated"):
+        pool = getattr(config.pools, name)
+        if pool is None:
+            continue
+        auto = pool.autoscaling
+        scaling = f", scales on {auto.signal} (target {auto.target:g})" if auto else ""
+        lo = pool.min_replicas if pool.min_replicas is not None else pool.replicas
+        hi = pool.max_replicas if pool.max_replicas is not None else pool.replicas
+        print(
+            f"  {name}: {pool.replicas} replicas ({lo}-{hi}), {pool.resources.num_cpus:g} CPU "
+            f"{pool.resources.num_gpus:g} GPU each, KV {pool.engine.kv_cache_mib} MiB{scaling}, "
+            f"${pool.price_per_replica_hour:g}/replica-hour"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -186,7 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    handlers = {"make-model": _make_model, "generate": _generate, "serve": _serve}
+    handlers = {
+        "make-model": _make_model,
+        "generate": _generate,
+        "serve": _serve,
+        "check-config": _check_config,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

@@ -1,0 +1,151 @@
+"""The per-pool scaling config: one YAML file that sizes a cluster.
+
+Validated by pydantic at load time, before anything starts; every error
+names the field (dotted path) and says how to fix it. Examples with every
+field commented: deploy/examples/*.yaml.
+
+    from deploy.config import load_config
+    config = load_config("deploy/examples/laptop.yaml")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# What each pool may scale on. Never utilisation: a decode pool at 100% GPU
+# can still have room in its batch, and a prefill pool at 30% can have a
+# queue that blows every TTFT.
+POOL_SIGNALS = {
+    "prefill": ("queued_prompt_tokens", "waiting_requests"),
+    "decode": ("kv_cache_usage", "waiting_requests"),
+    "colocated": ("kv_cache_usage", "waiting_requests", "queued_prompt_tokens"),
+}
+UTILISATION_WORDS = ("util", "cpu", "gpu", "busy")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions allowed)")
+
+
+class EngineLimits(_Strict):
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one step")
+    max_num_seqs: int = Field(64, ge=1, description="cap on the running batch")
+    kv_cache_mib: int = Field(512, ge=1, description="KV cache memory per replica")
+    max_model_len: int | None = Field(None, ge=2, description="context length")
+
+
+class Autoscaling(_Strict):
+    signal: str = Field(description="what the pool scales on (see POOL_SIGNALS)")
+    target: float = Field(gt=0, description="per-replica value the autoscaler aims for")
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+
+class Pool(_Strict):
+    replicas: int = Field(1, ge=0, description="replicas at start")
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    engine: EngineLimits = Field(default_factory=EngineLimits)
+    autoscaling: Autoscaling | None = None
+    price_per_replica_hour: float = Field(0.0, ge=0, description="for tokens per dollar")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Pool:
+        lo = self.min_replicas if self.min_replicas is not None else self.replicas
+        hi = self.max_replicas if self.max_replicas is not None else self.replicas
+        if not lo <= self.replicas <= hi:
+            raise ValueError(
+                f"replicas ({self.replicas}) must lie within min_replicas ({lo}) and "
+                f"max_replicas ({hi}); raise max_replicas or lower replicas"
+            )
+        return self
+
+
+class Router(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="if set, clients must send it as a Bearer token")
+    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+
+
+class Pools(_Strict):
+    prefill: Pool | None = None
+    decode: Pool | None = None
+    colocated: Pool | None = None
+
+
+class ClusterConfig(_Strict):
+    model: str | None = Field(None, description="local model directory; none: the built-in one")
+    kv_transport: Literal["grpc", "ray"] = "grpc"
+    router: Router = Field(default_factory=Router)
+    pools: Pools
+
+    @model_validator(mode="after")
+    def _pools(self) -> ClusterConfig:
+        p = self.pools
+        if p.colocated is None and (p.prefill is None or p.decode is None):
+            raise ValueError("pools: give both prefill and decode (disaggregated), or colocated")
+        for name in ("prefill", "decode", "colocated"):
+            pool = getattr(p, name)
+            if pool is None or pool.autoscaling is None:
+                continue
+            signal = pool.autoscaling.signal
+            allowed = POOL_SIGNALS[name]
+            if signal not in allowed:
+                why = (
+                    "utilisation says nothing about queues or KV room; "
+                    if any(w in signal.lower() for w in UTILISATION_WORDS)
+                    else ""
+                )
+                raise ValueError(
+                    f"pools.{name}.autoscaling.signal: {signal!r} is not allowed; {why}"
+                    f"use one of {', '.join(allowed)}"
+                )
+        return self
+
+    @property
+    def model_path(self) -> str | None:
+        return str(Path(self.model).expanduser()) if self.model else None
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a config file; ConfigError names every bad field."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top (model, pools, ...)")
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from e
+
+
+def _describe(err: object) -> str:
+    assert isinstance(err, dict)
+    where = ".".join(str(x) for x in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field (check the spelling against deploy/examples/)"
+    msg = msg.removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

@@ -1,0 +1,93 @@
+"""The per-pool scaling config: the shipped examples load, and bad configs
+fail before anything starts, naming the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.config import ConfigError, load_config
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "deploy" / "examples").glob("*.yaml"))
+
+
+def test_the_examples_load():
+    assert len(EXAMPLES) >= 2
+    for path in EXAMPLES:
+        config = load_config(path)
+        assert config.pools.prefill is not None and config.pools.decode is not None
+        assert config.pools.decode.autoscaling.signal in ("kv_cache_usage", "waiting_requests")
+
+
+def write(tmp_path: Path, config: object) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def base() -> dict:
+    return yaml.safe_load(EXAMPLES[[p.name for p in EXAMPLES].index("laptop.yaml")].read_text())
+
+
+def with_(change) -> dict:
+    c = base()
+    change(c)
+    return c
+
+
+BAD = {
+    "not yaml": ("pools: [unclosed", ["not valid YAML"]),
+    "not a mapping": ("- 1\n- 2\n", ["expected a mapping"]),
+    "misspelt field": (
+        with_(lambda c: c["pools"]["decode"].update(replica=2)),
+        ["pools.decode.replica", "unknown field"],
+    ),
+    "replicas above max": (
+        with_(lambda c: c["pools"]["decode"].update(replicas=5)),
+        ["pools.decode", "max_replicas"],
+    ),
+    "scale on GPU utilisation": (
+        with_(lambda c: c["pools"]["decode"]["autoscaling"].update(signal="gpu_utilization")),
+        ["pools.decode.autoscaling.signal", "utilisation", "kv_cache_usage"],
+    ),
+    "prefill on KV usage": (
+        with_(lambda c: c["pools"]["prefill"]["autoscaling"].update(signal="kv_cache_usage")),
+        ["pools.prefill.autoscaling.signal", "queued_prompt_tokens"],
+    ),
+    "negative target": (
+        with_(lambda c: c["pools"]["decode"]["autoscaling"].update(target=-1)),
+        ["pools.decode.autoscaling.target", "greater than 0"],
+    ),
+    "unknown transport": (
+        with_(lambda c: c.update(kv_transport="carrier-pigeon")),
+        ["kv_transport", "grpc", "ray"],
+    ),
+    "no decode pool": (
+        with_(lambda c: c["pools"].pop("decode")),
+        ["prefill and decode", "colocated"],
+    ),
+    "a string for a number": (
+        with_(lambda c: c["pools"]["prefill"]["engine"].update(kv_cache_mib="lots")),
+        ["pools.prefill.engine.kv_cache_mib"],
+    ),
+    "port out of range": (
+        with_(lambda c: c["router"].update(port=70000)),
+        ["router.port"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_configs_name_the_field(tmp_path, case):
+    config, words = BAD[case]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, config))
+    for word in words:
+        assert word in str(info.value), (case, str(info.value))
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
