@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("splitserve")
 
@@ -41,7 +43,17 @@ def _parser() -> argparse.ArgumentParser:
         "1), or --colocated K workers that prefill and decode. Without --model it serves the "
         "built-in default model. Ctrl-C stops every process it started.",
     )
+    sv.add_argument(
+        "--config",
+        help="a per-pool scaling config (YAML, see deploy/examples/): pool sizes, engine "
+        "limits per pool, the router's address and API key come from it",
+    )
     sv.add_argument("--model", help="local Hugging Face model directory")
+    sv.add_argument(
+        "--api-key",
+        default=os.environ.get("SPLITSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/ (default: $SPLITSERVE_API_KEY)",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="router address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     sv.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers")
@@ -149,42 +161,82 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_args(
+    kv_cache_mib: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None
+) -> list[str]:
+    out = ["--kv-cache-mib", str(kv_cache_mib), "--max-num-seqs", str(max_num_seqs)]
+    out += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
+    if max_model_len is not None:
+        out += ["--max-model-len", str(max_model_len)]
+    return out
+
+
 def _serve(args: argparse.Namespace) -> int:
     from deploy.launcher import ClusterSpec, LocalCluster
 
-    model = args.model
-    if model is None:
+    common = ["--block-size", str(args.block_size), "--dtype", args.dtype]
+    common += ["--threads", str(args.threads)]
+    decode_extra = ["--kv-reservation-ttl", str(args.kv_reservation_ttl)]
+    decode_extra += ["--stream-interval", str(args.stream_interval)]
+    if args.config:
+        spec_kwargs = _spec_from_config(args)
+    else:
+        engine = _engine_args(
+            args.kv_cache_mib, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len
+        )
+        spec_kwargs = dict(
+            model=args.model,
+            prefill=args.prefill,
+            decode=args.decode,
+            colocated=args.colocated,
+            host=args.host,
+            port=args.port,
+            prefill_args=tuple(engine),
+            decode_args=tuple(engine),
+            api_key=args.api_key,
+        )
+    if spec_kwargs["model"] is None:
         from engine.builtin_model import ensure_default_model
 
-        model = str(ensure_default_model())
-    worker_args = [
-        "--kv-cache-mib", str(args.kv_cache_mib),
-        "--max-num-seqs", str(args.max_num_seqs),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--block-size", str(args.block_size),
-        "--dtype", args.dtype,
-        "--threads", str(args.threads),
-    ]  # fmt: skip
-    if args.max_model_len is not None:
-        worker_args += ["--max-model-len", str(args.max_model_len)]
+        spec_kwargs["model"] = str(ensure_default_model())
+    spec_kwargs["decode_args"] = (*spec_kwargs["decode_args"], *decode_extra)
     spec = ClusterSpec(
-        model=model,
-        prefill=args.prefill,
-        decode=args.decode,
-        colocated=args.colocated,
-        host=args.host,
-        port=args.port,
-        worker_args=tuple(worker_args),
-        decode_args=(
-            "--kv-reservation-ttl",
-            str(args.kv_reservation_ttl),
-            "--stream-interval",
-            str(args.stream_interval),
-        ),
-        served_model_name=args.served_model_name,
+        worker_args=tuple(common), served_model_name=args.served_model_name, **spec_kwargs
     )
     LocalCluster(spec).serve()
     return 0
+
+
+def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
+    """ClusterSpec fields from a scaling config (pools, per-pool engine limits, router)."""
+    from deploy.config import ConfigError, load_config
+
+    config = load_config(args.config)
+    if config.kv_transport != "grpc":
+        raise ConfigError(
+            f"{args.config}: kv_transport: {config.kv_transport!r}: `splitserve serve` runs "
+            "local processes that move KV over gRPC; set kv_transport: grpc"
+        )
+    pools = config.pools
+
+    def engine_of(pool: Any) -> tuple[str, ...]:
+        e = pool.engine
+        return tuple(
+            _engine_args(e.kv_cache_mib, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len)
+        )
+
+    decode_pool = pools.colocated or pools.decode
+    return dict(
+        model=args.model or config.model_path,
+        prefill=pools.prefill.replicas if pools.prefill and not pools.colocated else 0,
+        decode=pools.decode.replicas if pools.decode and not pools.colocated else 0,
+        colocated=pools.colocated.replicas if pools.colocated else 0,
+        host=config.router.host,
+        port=config.router.port,
+        prefill_args=engine_of(pools.prefill) if pools.prefill else (),
+        decode_args=engine_of(decode_pool),
+        api_key=args.api_key or config.router.api_key,
+    )
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -40,9 +40,12 @@ class ClusterSpec:
     port: int = 8000
     # Forwarded to every worker: engine options (see engine/args.py).
     worker_args: tuple[str, ...] = ()
-    # Forwarded to decode workers only (e.g. --kv-reservation-ttl).
+    # Forwarded to prefill workers only (their engine limits).
+    prefill_args: tuple[str, ...] = ()
+    # Forwarded to decode and colocated workers only (e.g. --kv-reservation-ttl).
     decode_args: tuple[str, ...] = ()
     served_model_name: str | None = None
+    api_key: str | None = None  # the router then requires it on /v1/
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -99,8 +102,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", module, "--model", self.spec.model]
         cmd += ["--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready)]
         cmd += list(self.spec.worker_args)
-        if role != "prefill":
-            cmd += list(self.spec.decode_args)
+        cmd += list(self.spec.prefill_args if role == "prefill" else self.spec.decode_args)
         if role == "colocated":
             cmd.append("--colocated")
         env = dict(os.environ)
@@ -191,6 +193,7 @@ class LocalCluster:
             prefill_addresses=self.addresses("prefill"),
             host=spec.host,
             port=spec.port,
+            api_key=spec.api_key,
         )
         url = f"http://{spec.host}:{spec.port}"
         name = spec.served_model_name or Path(spec.model).name

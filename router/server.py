@@ -10,6 +10,7 @@ Routes:
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine.config import EngineConfig, ModelConfig
 from router.endpoints import Generation
-from router.errors import install_error_handlers
+from router.errors import APIError, install_error_handlers
 from router.metrics import RouterMetrics
 from router.pool import WorkerPool
 from router.preprocess import ServedModel
@@ -41,6 +42,8 @@ class RouterConfig:
     max_model_len: the context length (default: the model's).
     max_body_bytes: larger request bodies are refused with 413.
     poll_interval_s: how often every worker's Status is polled.
+    api_key: when set, every /v1/ route requires `Authorization: Bearer <key>`
+        (401 otherwise); /health, /metrics and /cluster stay open for operators.
     """
 
     model: str
@@ -52,6 +55,7 @@ class RouterConfig:
     max_model_len: int | None = None
     max_body_bytes: int = 1 << 20
     poll_interval_s: float = 0.5
+    api_key: str | None = None  # if set, /v1/* requires "Authorization: Bearer <key>"
 
     @property
     def resolved_served_name(self) -> str:
@@ -102,6 +106,21 @@ def build_app(config: RouterConfig) -> FastAPI:
 
     app = FastAPI(title="splitserve router", lifespan=lifespan)
     install_error_handlers(app)
+    if config.api_key:
+        expected = f"Bearer {config.api_key}"
+
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next: Any) -> Response:
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(
+                request.headers.get("authorization", ""), expected
+            ):
+                return APIError(
+                    401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                    code="invalid_api_key",
+                ).response()  # fmt: skip
+            response: Response = await call_next(request)
+            return response
+
     app.state.pool = pool
     app.state.metrics = metrics
     app.state.served = served

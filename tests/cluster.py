@@ -22,8 +22,10 @@ def free_port() -> int:
 
 
 class ServeCluster:
-    def __init__(self, model: Path, log_path: Path, *serve_args: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self, model: Path, log_path: Path, *serve_args: str, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", str(model)]

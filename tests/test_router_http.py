@@ -289,3 +289,19 @@ def test_a_worker_serving_another_model_is_never_used(model_dir, tmp_path):
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def test_api_key_guards_the_v1_routes(model_dir):
+    app = build_app(
+        RouterConfig(model=str(model_dir), decode_addresses=(NOBODY,), api_key="s3cret")
+    )
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    with TestClient(app) as c:
+        assert_openai_error(c.post(C, json=body), 401, "invalid_request_error")
+        wrong = {"Authorization": "Bearer nope"}
+        assert_openai_error(c.get("/v1/models", headers=wrong), 401, "invalid_request_error")
+        right = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/models", headers=right).status_code == 200
+        assert c.post(C, json=body, headers=right).status_code == 503  # past auth: no workers
+        assert c.get("/health").status_code == 503  # operators' routes stay open
+        assert c.get("/metrics").status_code == 200
