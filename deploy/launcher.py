@@ -197,14 +197,14 @@ class LocalCluster:
         )
         url = f"http://{spec.host}:{spec.port}"
         name = spec.served_model_name or Path(spec.model).name
-        print(_banner(url, name, self.workers), flush=True)
+        print(_banner(url, name, self.workers, bool(spec.api_key)), flush=True)
         try:
             serve(config)
         finally:
             self.stop()
 
 
-def _banner(url: str, model: str, workers: Sequence[WorkerProcess]) -> str:
+def _banner(url: str, model: str, workers: Sequence[WorkerProcess], api_key: bool) -> str:
     lines = [f"splitserve is up: {url}  (model {model!r})"]
     for w in workers:
         lines.append(f"  {w.name:<12} pid {w.proc.pid:<8} {w.address}  metrics :{w.metrics_port}")
