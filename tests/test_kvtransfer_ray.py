@@ -1,0 +1,157 @@
+"""The Ray object-store backend of kvtransfer, on a real local Ray: a prefill
+engine in a Ray actor returns a prompt's KV as the call's value; the decode
+engine here writes it into its reservation and continues exactly as one
+engine would, even after the prefill actor is gone (the caller owns the
+objects)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from kvtransfer import KvReceiver, KvRejected
+from kvtransfer.ray_backend import pack, receive_payload
+
+# Loopback only, no usage stats, no auth token left behind (ENVIRONMENT.md).
+# Ray reads these when it is imported, so before the import.
+for _key, _value in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+ray = pytest.importorskip("ray", reason="ray is not installed")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
+    model = str(tiny_llama)
+
+    # Defined here so Ray ships the class by value (no import of tests/ there).
+    @ray.remote(num_cpus=1)
+    class Prefill:
+        def __init__(self, model: str) -> None:
+            self.llm = LLM(model, dtype="float32", kv_cache_bytes=8 << 20)
+
+        def prefill(self, rid: str, prompt: list[int], dest_blocks: list[int]):
+            eng = self.llm.engine
+            params = SamplingParams(temperature=0, max_tokens=1)
+            req = eng.make_request(prompt, params, rid)
+            req.hold_blocks_on_finish = True
+            eng.add_request(req)
+            (out,) = [o for _ in range(16) for o in eng.step()]
+            try:
+                return out.token_ids[0], pack(rid, dest_blocks, eng.read_kv(rid))
+            finally:
+                eng.release_blocks(rid)
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [list(range(5, 60)), list(range(100, 117)), [7] * 40]
+    decode = LLM(model, dtype="float32", kv_cache_bytes=8 << 20)
+    expected = [o.token_ids for o in decode.generate(prompts, params, use_tqdm=False)]
+
+    d_eng = decode.engine
+    runner = d_eng.runner
+    k_cache = runner.kv_caches[0][0]
+    rx = KvReceiver(runner.write_blocks, len(runner.kv_caches), k_cache.shape[1:], k_cache.dtype)
+    actor = Prefill.remote(model)
+    refs = {}
+    for i, prompt in enumerate(prompts):
+        rid = f"r{i}"
+        table = list(d_eng.reserve_remote(d_eng.make_request(prompt, params, rid)))
+        rx.expect(rid, table, ttl_s=60)
+        refs[rid] = actor.prefill.remote(rid, prompt, table)
+    results = {rid: ray.get(ref) for rid, ref in refs.items()}
+    # The objects are ours: they outlive the prefill actor.
+    ray.kill(actor)
+    for rid, (first, payload) in results.items():
+        assert payload.nbytes > 0
+        receive_payload(rx, payload)
+        assert rx.is_complete(rid)
+        rx.close(rid)
+        d_eng.remote_kv_done(rid, first)
+    outs = {}
+    while d_eng.has_unfinished_requests():
+        outs.update({o.request_id: o for o in d_eng.step()})
+    assert [outs[f"r{i}"].token_ids for i in range(len(prompts))] == expected
+    assert d_eng.block_pool.num_free_blocks == d_eng.block_pool.num_blocks
+
+    # A payload for blocks that are not reserved is refused, and nothing is written.
+    first, payload = results["r0"]
+    with pytest.raises(KvRejected, match="no reservation"):
+        receive_payload(rx, payload)
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, ppid in parents.items() if ppid == pid and c not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def _listening(pids: set[int]) -> set[str]:
+    """Local addresses of the TCP sockets these processes listen on (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    addresses = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                hexaddr = fields[1].split(":")[0]
+                addresses.add(_decode_addr(hexaddr, width))
+    return addresses
+
+
+def _decode_addr(hexaddr: str, width: int) -> str:
+    import ipaddress
+
+    raw = bytes.fromhex(hexaddr)
+    # /proc prints each 32-bit word in host (little-endian) order.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    addresses = _listening(_descendants(os.getpid()))
+    assert addresses, "found no listening socket of the local Ray"
+    assert addresses <= {"127.0.0.1", "::1"}, addresses
