@@ -125,6 +125,11 @@ async def remote_prefill(
                 # written are simply overwritten.
                 receiver.close(rid)
                 receiver.expect(rid, block_table, max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                # Cancelled (the client went away): end the call so the
+                # prefill worker stops sending and frees its blocks now.
+                call.cancel()
+                raise
         error = "; ".join(result.failures) or "no prefill worker"
         events.put_nowait(PrefillEvent("failed", error=error))
     finally:

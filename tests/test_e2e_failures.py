@@ -127,6 +127,32 @@ def test_an_unfilled_reservation_expires_and_the_prompt_is_prefilled_locally(clu
     assert_all_blocks_free(cluster.wait_idle(timeout=15))
 
 
+def test_a_client_gone_during_prefill_frees_blocks_on_both_sides(cluster):
+    """The client leaves while its prompt sits on a (frozen) prefill worker:
+    the router cancels the decode worker's call, which cancels its call to
+    the prefill worker; once that one runs again, nothing is left held."""
+    prefill = cluster.workers("prefill")
+    model = httpx.get(f"{cluster.url}/v1/models", timeout=5).json()["data"][0]["id"]
+    for w in prefill:
+        os.kill(w["pid"], signal.SIGSTOP)
+    try:
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 50, "stream": True}
+        url = f"{cluster.url}/v1/completions"
+        # Nothing can come back while prefill is frozen; hang up after 1 s.
+        with (
+            pytest.raises(httpx.ReadTimeout),
+            httpx.stream("POST", url, json=body, timeout=1.0) as r,
+        ):
+            r.read()
+        time.sleep(1.0)  # the cancel reaches the decode worker
+        busy = [w for w in cluster.workers("decode") if w["awaiting_kv"]]
+        assert not busy, "a reservation outlived its cancelled request"
+    finally:
+        for w in prefill:
+            os.kill(w["pid"], signal.SIGCONT)
+    assert_all_blocks_free(cluster.wait_idle(timeout=15))
+
+
 def test_killing_a_prefill_worker_retries_its_queued_requests_elsewhere(cluster, offline):
     victim = cluster.workers("prefill")[0]
     retries_before = _metric(cluster, "decode", "splitserve_decode_prefill_retries_total")
