@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -13,19 +10,15 @@ import grpc
 
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.server import DecodeServicer
-from engine.args import add_engine_args, engine_config_from_args
-from engine.async_engine import AsyncEngine, StepInfo
-from engine.llm_engine import LLMEngine
 from engine.worker_process import (
-    install_stop_handlers,
-    setup_logging,
+    add_worker_args,
+    announce_and_wait,
+    load_engine,
+    run_worker_main,
     start_metrics_server,
-    write_ready_file,
 )
 from kvtransfer.grpc_backend import CHANNEL_OPTIONS
 from protos import splitserve_pb2_grpc as pb_grpc
-
-log = logging.getLogger("splitserve.decode")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,10 +28,6 @@ def parser() -> argparse.ArgumentParser:
         "workers and streams tokens from a continuously batched engine; with --colocated it "
         "prefills itself.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to serve gRPC on")
-    p.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: free, -1: off)")
-    p.add_argument("--ready-file", help="write {address, pid, metrics_port} JSON here when ready")
     p.add_argument(
         "--colocated", action="store_true", help="prefill and decode here (no prefill pool)"
     )
@@ -56,26 +45,19 @@ def parser() -> argparse.ArgumentParser:
         help="send tokens to the router every N tokens (the first at once); >1 trades "
         "streaming granularity for throughput",
     )
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_engine_args(p)
+    add_worker_args(p)
     return p
 
 
+def _role(args: argparse.Namespace) -> str:
+    return "colocated" if args.colocated else "decode"
+
+
 async def serve(args: argparse.Namespace) -> None:
-    config = engine_config_from_args(args)
-    engine = LLMEngine(config)
-    role = "colocated" if args.colocated else "decode"
-    metrics = DecodeMetrics(role)
-    loop = asyncio.get_running_loop()
-
-    def on_step(step: StepInfo) -> None:
-        metrics.engine.observe_step(step)
-        metrics.engine.observe_snapshot(aengine.snapshot)
-
-    aengine = AsyncEngine(engine, loop, on_step=on_step)
+    metrics = DecodeMetrics(_role(args))
+    aengine = load_engine(args, metrics.engine)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    address = f"{args.host}:{port}"
+    address = f"{args.host}:{server.add_insecure_port(f'{args.host}:{args.port}')}"
     metrics_port = start_metrics_server(metrics.registry, args.metrics_port)
     servicer = DecodeServicer(
         aengine,
@@ -89,15 +71,7 @@ async def serve(args: argparse.Namespace) -> None:
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
     aengine.start()
     await server.start()
-    stop = asyncio.Event()
-    install_stop_handlers(loop, stop.set)
-    write_ready_file(
-        args.ready_file,
-        {"role": role, "address": address, "pid": os.getpid(), "metrics_port": metrics_port},
-    )
-    log.info("%s worker serving on %s (metrics on :%d)", role, address, metrics_port)
-    await stop.wait()
-    log.info("shutting down")
+    await announce_and_wait(args, _role(args), address, metrics_port)
     await server.stop(grace=1.0)
     await servicer.prefill_clients.close()
     aengine.stop()
@@ -105,15 +79,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup_logging((args.colocated and "colocated") or "decode", args.verbose)
-    try:
-        asyncio.run(serve(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if args.verbose:
-            raise
-        print(f"decode_worker: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_worker_main("decode_worker", _role(args), args, serve)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,58 @@
-"""What every worker process does around its engine: log setup, the
-Prometheus endpoint, the ready file a launcher waits on, and shutting down
-cleanly on SIGTERM/SIGINT."""
+"""What every worker process does around its engine: the common command-line
+options, log setup, the engine on its thread with per-step metrics, the
+Prometheus endpoint, the ready file a launcher waits on, and running until
+SIGTERM/SIGINT. The gRPC server itself stays in each role's package."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
+
+from engine.args import add_engine_args, engine_config_from_args
+from engine.async_engine import AsyncEngine, StepInfo
+from engine.llm_engine import LLMEngine
+from engine.metrics import EngineMetrics
+
+log = logging.getLogger("splitserve")
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """Options every worker takes: where to serve, metrics, ready file, the engine."""
+    p.add_argument("--host", default="127.0.0.1", help="address to serve gRPC on")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: free, -1: off)")
+    p.add_argument("--ready-file", help="write {address, pid, metrics_port} JSON here when ready")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_engine_args(p)
+
+
+def run_worker_main(
+    prog: str,
+    role: str,
+    args: argparse.Namespace,
+    serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]],
+) -> int:
+    """Run `serve(args)` to completion; a bad model or option is one line on
+    stderr and exit code 2, not a traceback."""
+    setup_logging(role, args.verbose)
+    try:
+        asyncio.run(serve(args))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def setup_logging(name: str, verbose: bool = False) -> None:
@@ -22,6 +61,19 @@ def setup_logging(name: str, verbose: bool = False) -> None:
         format=f"%(asctime)s %(levelname)s {name}[{os.getpid()}]: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def load_engine(args: argparse.Namespace, metrics: EngineMetrics) -> AsyncEngine:
+    """The engine the options describe, on its own thread (not started yet),
+    feeding the per-step metrics. Call from the running event loop."""
+    engine = LLMEngine(engine_config_from_args(args))
+
+    def on_step(step: StepInfo) -> None:
+        metrics.observe_step(step)
+        metrics.observe_snapshot(aengine.snapshot)
+
+    aengine = AsyncEngine(engine, asyncio.get_running_loop(), on_step=on_step)
+    return aengine
 
 
 def start_metrics_server(registry: CollectorRegistry, port: int) -> int:
@@ -33,15 +85,27 @@ def start_metrics_server(registry: CollectorRegistry, port: int) -> int:
     return int(server.server_port)
 
 
-def write_ready_file(path: str | None, info: dict[str, Any]) -> None:
+async def announce_and_wait(
+    args: argparse.Namespace, role: str, address: str, metrics_port: int
+) -> None:
+    """Write the ready file, then wait for SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    _write_ready_file(
+        args.ready_file,
+        {"role": role, "address": address, "pid": os.getpid(), "metrics_port": metrics_port},
+    )
+    log.info("%s worker serving on %s (metrics on :%d)", role, address, metrics_port)
+    await stop.wait()
+    log.info("shutting down")
+
+
+def _write_ready_file(path: str | None, info: dict[str, Any]) -> None:
     """Atomically write the JSON a launcher polls for (address, pid, ...)."""
     if not path:
         return
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(info))
     tmp.replace(path)
-
-
-def install_stop_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
