@@ -13,6 +13,7 @@ from decode_worker.server import DecodeServicer
 from engine.worker_process import (
     add_worker_args,
     announce_and_wait,
+    drain,
     load_engine,
     run_worker_main,
     start_metrics_server,
@@ -58,7 +59,7 @@ async def serve(args: argparse.Namespace) -> None:
     aengine = load_engine(args, metrics.engine)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     address = f"{args.host}:{server.add_insecure_port(f'{args.host}:{args.port}')}"
-    metrics_port = start_metrics_server(metrics.registry, args.metrics_port)
+    metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
     servicer = DecodeServicer(
         aengine,
         metrics,
@@ -72,8 +73,10 @@ async def serve(args: argparse.Namespace) -> None:
     aengine.start()
     await server.start()
     await announce_and_wait(args, _role(args), address, metrics_port)
+    servicer.draining = True
+    await drain(lambda: servicer.num_streams, args.drain_timeout)
     await server.stop(grace=1.0)
-    await servicer.prefill_clients.close()
+    await servicer.prefill.close()
     aengine.stop()
 
 

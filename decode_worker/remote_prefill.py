@@ -19,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 
 from engine.request import Request
 from kvtransfer import KvReceiver, KvRejected
 from kvtransfer.grpc_backend import CHANNEL_OPTIONS, chunk_from_proto
+from kvtransfer.ray_backend import receive_payload
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from protos.convert import params_to_pb
@@ -62,8 +65,41 @@ class PrefillResult:
     failures: list[str] = field(default_factory=list)
 
 
-class PrefillClients:
-    """One gRPC channel per prefill worker address, opened on first use."""
+class PrefillTransport(Protocol):
+    """How a decode worker gets a reserved prompt's KV from the prefill pool."""
+
+    async def fill(
+        self,
+        receiver: KvReceiver,
+        request: Request,
+        block_table: list[int],
+        block_size: int,
+        addresses: list[str],
+        deadline: float,
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None:
+        """Fill the reservation; end with a kv_ready or failed event (after a
+        first_token event, at most one). The reservation is closed either way."""
+
+    async def close(self) -> None: ...
+
+
+def _prefill_request(
+    request: Request, block_table: list[int], block_size: int
+) -> pb.PrefillRequest:
+    return pb.PrefillRequest(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        sampling_params=params_to_pb(request.sampling_params),
+        dest_block_ids=block_table,
+        block_size=block_size,
+    )
+
+
+class GrpcPrefill:
+    """The prefill workers the router named, tried in its order over gRPC;
+    one channel per address, opened on first use."""
 
     def __init__(self) -> None:
         self._stubs: dict[str, pb_grpc.PrefillWorkerStub] = {}
@@ -81,59 +117,142 @@ class PrefillClients:
         for channel in self._channels:
             await channel.close()
 
+    async def fill(
+        self,
+        receiver: KvReceiver,
+        request: Request,
+        block_table: list[int],
+        block_size: int,
+        addresses: list[str],
+        deadline: float,
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None:
+        rid = request.request_id
+        receiver.expect(rid, block_table, max(0.0, deadline - time.monotonic()))
+        prefill = _prefill_request(request, block_table, block_size)
+        try:
+            for address in addresses:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    result.failures.append("the KV reservation expired")
+                    break
+                call = self.stub(address).Prefill()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await _one_attempt(call, prefill, address, receiver, events, result)
+                    events.put_nowait(PrefillEvent("kv_ready"))
+                    return
+                except (grpc.aio.AioRpcError, PrefillFailed, KvRejected, TimeoutError) as e:
+                    call.cancel()
+                    reason = _describe(e, address)
+                    result.failures.append(reason)
+                    log.warning("request %s: %s", rid, reason)
+                    # Start the next attempt on a clean slate: chunks already
+                    # written are simply overwritten.
+                    receiver.close(rid)
+                    receiver.expect(rid, block_table, max(0.0, deadline - time.monotonic()))
+                except BaseException:
+                    # Cancelled (the client went away): end the call so the
+                    # prefill worker stops sending and frees its blocks now.
+                    call.cancel()
+                    raise
+            error = "; ".join(result.failures) or "no prefill worker"
+            events.put_nowait(PrefillEvent("failed", error=error))
+        finally:
+            receiver.close(rid)
 
-async def remote_prefill(
-    clients: PrefillClients,
-    receiver: KvReceiver,
-    request: Request,
-    block_table: list[int],
-    block_size: int,
-    addresses: list[str],
-    deadline: float,
-    events: asyncio.Queue[PrefillEvent],
-    result: PrefillResult,
-) -> None:
-    """Fill the reservation from the first prefill worker that manages it.
-    Ends with a kv_ready or failed event; the reservation is closed either way."""
-    rid = request.request_id
-    receiver.expect(rid, block_table, max(0.0, deadline - time.monotonic()))
-    prefill = pb.PrefillRequest(
-        request_id=rid,
-        prompt_token_ids=request.prompt_token_ids,
-        sampling_params=params_to_pb(request.sampling_params),
-        dest_block_ids=block_table,
-        block_size=block_size,
-    )
-    try:
-        for address in addresses:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                result.failures.append("the KV reservation expired")
-                break
-            call = clients.stub(address).Prefill()
-            try:
-                async with asyncio.timeout(remaining):
-                    await _one_attempt(call, prefill, address, receiver, events, result)
-                events.put_nowait(PrefillEvent("kv_ready"))
-                return
-            except (grpc.aio.AioRpcError, PrefillFailed, KvRejected, TimeoutError) as e:
-                call.cancel()
-                reason = _describe(e, address)
-                result.failures.append(reason)
-                log.warning("request %s: %s", rid, reason)
-                # Start the next attempt on a clean slate: chunks already
-                # written are simply overwritten.
-                receiver.close(rid)
-                receiver.expect(rid, block_table, max(0.0, deadline - time.monotonic()))
-            except BaseException:
-                # Cancelled (the client went away): end the call so the
-                # prefill worker stops sending and frees its blocks now.
-                call.cancel()
-                raise
-        error = "; ".join(result.failures) or "no prefill worker"
-        events.put_nowait(PrefillEvent("failed", error=error))
-    finally:
-        receiver.close(rid)
+
+# Sends a serialized PrefillRequest to some prefill worker and yields what it
+# answers: the serialized FirstToken, then the KV as a RayKvPayload.
+ObjectStoreCall = Callable[[bytes], AsyncIterator[Any]]
+
+
+class ObjectStorePrefill:
+    """The KV through an object store (Ray's): `call` reaches a prefill
+    worker of the runtime's choosing, which answers the first token and then
+    the whole KV as one payload the decode worker owns. A failed attempt is
+    retried (the runtime picks again) while the reservation lasts, up to
+    `attempts` times."""
+
+    def __init__(self, call: ObjectStoreCall, attempts: int = 3) -> None:
+        self.call = call
+        self.attempts = attempts
+
+    async def close(self) -> None:
+        pass
+
+    async def fill(
+        self,
+        receiver: KvReceiver,
+        request: Request,
+        block_table: list[int],
+        block_size: int,
+        addresses: list[str],
+        deadline: float,
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None:
+        rid = request.request_id
+        wire = _prefill_request(request, block_table, block_size).SerializeToString()
+        try:
+            for _ in range(self.attempts):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    result.failures.append("the KV reservation expired")
+                    break
+                receiver.expect(rid, block_table, remaining)
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._one_attempt(wire, receiver, rid, events, result)
+                    events.put_nowait(PrefillEvent("kv_ready"))
+                    return
+                except Exception as e:  # the runtime's errors are its own types
+                    reason = f"object-store prefill failed: {type(e).__name__}: {e}"
+                    if isinstance(e, TimeoutError):
+                        reason = "no prefill worker delivered the KV before the reservation expired"
+                    result.failures.append(reason)
+                    log.warning("request %s: %s", rid, reason)
+                    receiver.close(rid)
+                    if "INVALID_ARGUMENT" in str(e):
+                        break  # no other worker will take it either
+            error = "; ".join(result.failures) or "no prefill worker"
+            events.put_nowait(PrefillEvent("failed", error=error))
+        finally:
+            receiver.close(rid)
+
+    async def _one_attempt(
+        self,
+        wire: bytes,
+        receiver: KvReceiver,
+        rid: str,
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None:
+        stream = self.call(wire)
+        try:
+            first_bytes = await anext(stream)
+            first = pb.FirstToken.FromString(first_bytes)
+            if result.first is None:
+                result.first = FirstToken(
+                    first.token_id,
+                    first.logprob if first.HasField("logprob") else None,
+                    first.timings,
+                    first.timings.prefill_address or "object-store",
+                )
+                events.put_nowait(PrefillEvent("first_token", first=result.first))
+            start = time.monotonic()
+            payload = await anext(stream)
+            result.kv_bytes = receive_payload(receiver, payload)
+            if not receiver.is_complete(rid):
+                raise PrefillFailed("KV incomplete: some layers or blocks never arrived")
+            result.kv_seconds = time.monotonic() - start
+        except StopAsyncIteration:
+            raise PrefillFailed("the prefill worker ended its answer early") from None
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 async def _one_attempt(

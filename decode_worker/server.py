@@ -31,10 +31,10 @@ import grpc
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.remote_prefill import (
     FirstToken,
-    PrefillClients,
+    GrpcPrefill,
     PrefillEvent,
     PrefillResult,
-    remote_prefill,
+    PrefillTransport,
 )
 from engine.async_engine import AsyncEngine, TokenDelta
 from engine.llm_engine import LLMEngine
@@ -69,6 +69,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         colocated: bool,
         kv_reservation_ttl_s: float,
         stream_interval: int = 1,
+        prefill_transport: PrefillTransport | None = None,
     ) -> None:
         self.aengine = aengine
         self.engine: LLMEngine = aengine.engine
@@ -83,7 +84,9 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self.receiver = KvReceiver(
             runner.write_blocks, len(runner.kv_caches), tuple(k_cache.shape[1:]), k_cache.dtype
         )
-        self.prefill_clients = PrefillClients()
+        self.prefill = prefill_transport or GrpcPrefill()
+        self.draining = False  # being scaled down: refuse new requests, finish the rest
+        self.num_streams = 0  # Generate calls open now
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
         if self.aengine.error is not None:  # the router then marks us unhealthy
@@ -94,9 +97,24 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         progress = _Progress(arrival=time.monotonic())
-        rid = request.request_id
         if self.aengine.error is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
+        if self.draining:  # before any token: the router sends it to another worker
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this decode worker is draining")
+        self.num_streams += 1
+        try:
+            async for message in self._generate(request, context, progress):
+                yield message
+        finally:
+            self.num_streams -= 1
+
+    async def _generate(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        progress: _Progress,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        rid = request.request_id
         try:
             params = params_from_pb(request.sampling_params)
             req = self.engine.make_request(list(request.prompt_token_ids), params, rid)
@@ -112,8 +130,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 table = await self._reserve(req, context)
                 events: asyncio.Queue[PrefillEvent] = asyncio.Queue()
                 prefill_task = asyncio.create_task(
-                    remote_prefill(
-                        self.prefill_clients,
+                    self.prefill.fill(
                         self.receiver,
                         req,
                         table,

@@ -44,6 +44,8 @@ class EngineLimits(_Strict):
     max_num_seqs: int = Field(64, ge=1, description="cap on the running batch")
     kv_cache_mib: int = Field(512, ge=1, description="KV cache memory per replica")
     max_model_len: int | None = Field(None, ge=2, description="context length")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
 
 
 class Autoscaling(_Strict):
@@ -61,6 +63,9 @@ class Pool(_Strict):
     engine: EngineLimits = Field(default_factory=EngineLimits)
     autoscaling: Autoscaling | None = None
     price_per_replica_hour: float = Field(0.0, ge=0, description="for tokens per dollar")
+    drain_timeout_s: float = Field(
+        60.0, gt=0, description="on scale-down, how long a replica may finish its requests"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Pool:
@@ -149,3 +154,19 @@ def _describe(err: object) -> str:
         msg = "unknown field (check the spelling against deploy/examples/)"
     msg = msg.removeprefix("Value error, ")
     return f"{where}: {msg}" if where else msg
+
+
+def pool_engine_args(config: ClusterConfig, pool: Pool, role: str) -> list[str]:
+    """A worker's command-line options for one pool (the same options on Ray
+    replicas, local processes and Kubernetes pods)."""
+    e = pool.engine
+    args = ["--kv-cache-mib", str(e.kv_cache_mib), "--max-num-seqs", str(e.max_num_seqs)]
+    args += ["--max-num-batched-tokens", str(e.max_num_batched_tokens), "--dtype", e.dtype]
+    args += ["--threads", str(e.threads), "--drain-timeout", str(pool.drain_timeout_s)]
+    if e.max_model_len is not None:
+        args += ["--max-model-len", str(e.max_model_len)]
+    if config.model_path is not None:
+        args += ["--model", config.model_path]
+    if role == "colocated":
+        args.append("--colocated")
+    return args

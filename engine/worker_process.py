@@ -28,10 +28,17 @@ log = logging.getLogger("splitserve")
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """Options every worker takes: where to serve, metrics, ready file, the engine."""
-    p.add_argument("--host", default="127.0.0.1", help="address to serve gRPC on")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve gRPC and /metrics on")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: free, -1: off)")
     p.add_argument("--ready-file", help="write {address, pid, metrics_port} JSON here when ready")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to wait for requests in flight to finish (new ones are "
+        "refused so the router sends them elsewhere) before exiting",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     add_engine_args(p)
 
@@ -76,12 +83,12 @@ def load_engine(args: argparse.Namespace, metrics: EngineMetrics) -> AsyncEngine
     return aengine
 
 
-def start_metrics_server(registry: CollectorRegistry, port: int) -> int:
-    """Serve /metrics on 127.0.0.1:port (0 picks a free port); the port, or
-    0 when disabled (port < 0)."""
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> int:
+    """Serve /metrics on host:port (0 picks a free port); the port, or 0 when
+    disabled (port < 0)."""
     if port < 0:
         return 0
-    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return int(server.server_port)
 
 
@@ -100,6 +107,22 @@ async def announce_and_wait(
     log.info("%s worker serving on %s (metrics on :%d)", role, address, metrics_port)
     await stop.wait()
     log.info("shutting down")
+
+
+async def drain(busy: Callable[[], int], timeout_s: float, poll_s: float = 0.05) -> int:
+    """Wait until `busy()` (requests in flight) is 0 or `timeout_s` passed;
+    returns what was still in flight. The caller has already stopped taking
+    new requests."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    if busy():
+        log.info("draining: %d requests in flight", busy())
+    while busy() and loop.time() < deadline:
+        await asyncio.sleep(poll_s)
+    left = busy()
+    if left:
+        log.warning("drain timed out with %d requests in flight", left)
+    return left
 
 
 def _write_ready_file(path: str | None, info: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import grpc
 from engine.worker_process import (
     add_worker_args,
     announce_and_wait,
+    drain,
     load_engine,
     run_worker_main,
     start_metrics_server,
@@ -36,13 +37,14 @@ async def serve(args: argparse.Namespace) -> None:
     aengine = load_engine(args, metrics.engine)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     address = f"{args.host}:{server.add_insecure_port(f'{args.host}:{args.port}')}"
-    metrics_port = start_metrics_server(metrics.registry, args.metrics_port)
-    pb_grpc.add_PrefillWorkerServicer_to_server(
-        PrefillServicer(aengine, metrics, address, metrics_port), server
-    )
+    metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
+    servicer = PrefillServicer(aengine, metrics, address, metrics_port)
+    pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
     aengine.start()
     await server.start()
     await announce_and_wait(args, "prefill", address, metrics_port)
+    servicer.draining = True
+    await drain(lambda: servicer.num_calls, args.drain_timeout)
     await server.stop(grace=1.0)
     aengine.stop()
 

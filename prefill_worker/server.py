@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
-from kvtransfer import send_kv
+from kvtransfer import ray_backend, send_kv
 from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES
 from kvtransfer.grpc_backend import GrpcKvSender
 from prefill_worker.metrics import PrefillMetrics
@@ -36,6 +37,23 @@ from protos import splitserve_pb2_grpc as pb_grpc
 from protos.convert import params_from_pb, worker_status
 
 log = logging.getLogger("splitserve.prefill")
+
+
+class PrefillRefused(Exception):
+    """A prompt this worker will not take; `code` is a gRPC status name
+    (UNAVAILABLE: try another worker; INVALID_ARGUMENT: no worker will)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
@@ -51,43 +69,24 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self.metrics = metrics
         self.address = address
         self.metrics_port = metrics_port
+        self.draining = False  # set when the worker is being scaled down: new prompts go elsewhere
+        self.num_calls = 0  # prefills in progress (queued, computing, or sending KV)
 
     async def Prefill(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         msg = await context.read()
         if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "request":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a PrefillRequest first")
-        if self.aengine.error is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
         r = msg.request
         rid = r.request_id
-        req = self._make_request(r)
-        if isinstance(req, str):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, req)
-            return
         outcome = "aborted"
-        q = self.aengine.add_request(req)
+        self.num_calls += 1
         try:
-            delta = await q.get()
-            if delta.error is not None:
-                outcome = "failed"
-                await context.abort(grpc.StatusCode.INTERNAL, delta.error)
-            out = delta.finished
-            assert out is not None and out.token_ids, "prefill ends at the first token"
-            self._observe_prefill(out)
-            first = pb.FirstToken(
-                request_id=rid,
-                token_id=out.token_ids[0],
-                num_layers=self.engine.model_config.num_layers,
-                timings=pb.Timings(
-                    queue_s=_gap(out.arrival_time, out.scheduled_time),
-                    prefill_s=_gap(out.scheduled_time, out.first_token_time),
-                    ttft_s=_gap(out.arrival_time, out.first_token_time),
-                ),
-            )
-            if out.logprobs:
-                first.logprob = out.logprobs[0]
+            try:
+                first = await self._first_token(r)
+            except _Refused as e:
+                outcome = "failed" if e.code == grpc.StatusCode.INTERNAL else outcome
+                await context.abort(e.code, e.message)
             await context.write(pb.PrefillServerMessage(first_token=first))
-            self.metrics.ttft_seconds.observe(time.monotonic() - out.arrival_time)
 
             # The request is finished and its blocks are held for us: nothing
             # else reads or writes them until release, so the event loop may
@@ -113,8 +112,76 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         finally:
             # Frees the blocks whether they are held (done or failed transfer)
             # or the prompt is still queued or computing (cancelled).
+            self.num_calls -= 1
             self.aengine.abort(rid)
             self.metrics.requests.labels("prefill", outcome).inc()
+
+    async def prefill_to_object_store(
+        self, request: bytes
+    ) -> AsyncIterator[bytes | ray_backend.RayKvPayload]:
+        """The same job for the object-store transport (on Ray): yields the
+        serialized FirstToken, then the prompt's KV as one RayKvPayload, which
+        the caller's runtime stores once and the caller owns. The blocks are
+        freed as soon as they are copied out. Raises PrefillRefused (with a
+        gRPC status name) for a request it will not take."""
+        r = pb.PrefillRequest.FromString(request)
+        rid = r.request_id
+        outcome = "aborted"
+        self.num_calls += 1
+        try:
+            try:
+                first = await self._first_token(r)
+            except _Refused as e:
+                outcome = "failed" if e.code == grpc.StatusCode.INTERNAL else outcome
+                raise PrefillRefused(e.code.name, e.message) from None
+            yield first.SerializeToString()
+            start = time.monotonic()
+            table = list(self.engine.block_pool.block_table(rid))
+            runner = self.engine.runner
+            layers = [runner.read_blocks(layer, table) for layer in range(len(runner.kv_caches))]
+            self.aengine.abort(rid)  # copied out: free the blocks before the payload travels
+            payload = ray_backend.pack(rid, list(r.dest_block_ids), layers)
+            self.metrics.kv_bytes.inc(payload.nbytes)
+            self.metrics.kv_seconds.observe(time.monotonic() - start)
+            yield payload
+            outcome = "ok"
+        finally:
+            self.num_calls -= 1
+            self.aengine.abort(rid)
+            self.metrics.requests.labels("prefill", outcome).inc()
+
+    async def _first_token(self, r: pb.PrefillRequest) -> pb.FirstToken:
+        """Queue the prompt and wait for its first token; its blocks stay held
+        (the caller frees them with abort). Raises _Refused."""
+        if self.aengine.error is not None:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
+        if self.draining:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "this prefill worker is draining")
+        req = self._make_request(r)
+        if isinstance(req, str):
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, req)
+        q = self.aengine.add_request(req)
+        delta = await q.get()
+        if delta.error is not None:
+            raise _Refused(grpc.StatusCode.INTERNAL, delta.error)
+        out = delta.finished
+        assert out is not None and out.token_ids, "prefill ends at the first token"
+        self._observe_prefill(out)
+        first = pb.FirstToken(
+            request_id=r.request_id,
+            token_id=out.token_ids[0],
+            num_layers=self.engine.model_config.num_layers,
+            timings=pb.Timings(
+                queue_s=_gap(out.arrival_time, out.scheduled_time),
+                prefill_s=_gap(out.scheduled_time, out.first_token_time),
+                ttft_s=_gap(out.arrival_time, out.first_token_time),
+                prefill_address=self.address,
+            ),
+        )
+        if out.logprobs:
+            first.logprob = out.logprobs[0]
+        self.metrics.ttft_seconds.observe(time.monotonic() - out.arrival_time)
+        return first
 
     def _make_request(self, r: pb.PrefillRequest) -> Any:
         """The engine request for the prompt, or a message saying why not."""

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from router.discovery import dns_discovery
 from router.server import RouterConfig, serve
 
 
@@ -46,9 +47,22 @@ def _parser() -> argparse.ArgumentParser:
         "--decode",
         action="append",
         type=_address,
-        required=True,
+        default=[],
         metavar="HOST:PORT",
         help="a decode or colocated worker (repeat for each)",
+    )
+    p.add_argument(
+        "--decode-dns",
+        type=_address,
+        metavar="NAME:PORT",
+        help="a DNS name that resolves to every decode worker (a Kubernetes headless "
+        "Service), resolved again at every poll, so workers may come and go",
+    )
+    p.add_argument(
+        "--prefill-dns",
+        type=_address,
+        metavar="NAME:PORT",
+        help="the same, for the prefill workers",
     )
     p.add_argument(
         "--prefill",
@@ -87,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.port > 65535:
         parser.error(f"--port must be at most 65535, got {args.port}")
+    if not args.decode and not args.decode_dns:
+        parser.error("name the decode workers: --decode HOST:PORT or --decode-dns NAME:PORT")
     if not args.poll_interval > 0:
         parser.error(f"--poll-interval must be > 0, got {args.poll_interval}")
     logging.basicConfig(
@@ -103,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_body_bytes=args.max_body_bytes,
         poll_interval_s=args.poll_interval,
+        discover=(
+            dns_discovery(args.decode_dns, args.prefill_dns, args.decode, args.prefill)
+            if args.decode_dns or args.prefill_dns
+            else None
+        ),
     )
     try:
         serve(config)

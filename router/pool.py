@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +28,10 @@ from protos import splitserve_pb2_grpc as pb_grpc
 log = logging.getLogger("splitserve.router")
 
 DECODE_ROLES = ("decode", "colocated")
+
+# Where the workers are now: (decode addresses, prefill addresses). Asked at
+# every poll when the pool is dynamic (Kubernetes DNS, a Ray directory).
+Discover = Callable[[], Awaitable[tuple[Sequence[str], Sequence[str]]]]
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -105,7 +109,13 @@ class Worker:
 
 
 class WorkerPool:
-    """Decode (or colocated) workers and prefill workers, by address."""
+    """Decode (or colocated) workers and prefill workers, by address.
+
+    The addresses are fixed, or, with `discover`, asked for before every poll:
+    a new address joins (healthy after its first good poll), a vanished one
+    takes no new requests at once and its channel closes when its last call
+    ends (a draining worker finishes its streams; they are not cut).
+    """
 
     def __init__(
         self,
@@ -115,12 +125,17 @@ class WorkerPool:
         poll_interval_s: float = 0.5,
         poll_timeout_s: float = 1.0,
         vocab_size: int | None = None,
+        discover: Discover | None = None,
     ) -> None:
         self.vocab_size = vocab_size  # the router's model: workers must match it
         self.decode = [Worker(a, "decode") for a in dict.fromkeys(decode)]
         self.prefill = [Worker(a, "prefill") for a in dict.fromkeys(prefill)]
         self.poll_interval_s = poll_interval_s
         self.poll_timeout_s = poll_timeout_s
+        self.discover = discover
+        self.last_discovery_error: str | None = None
+        self._retired: list[Worker] = []  # removed, with calls still open
+        self._started = False
         self._task: asyncio.Task[None] | None = None
         self._rr = itertools.count()  # round-robin tie-break between equals
 
@@ -133,6 +148,7 @@ class WorkerPool:
     async def start(self) -> None:
         """Open channels (in the running loop: grpc.aio binds them to it), poll
         once so the first request sees real health, then poll in the background."""
+        self._started = True
         for w in self.workers:
             w.channel = grpc.aio.insecure_channel(w.address, options=CHANNEL_OPTIONS)
         await self.poll_all()
@@ -144,10 +160,11 @@ class WorkerPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for w in self.workers:
+        for w in self.workers + self._retired:
             if w.channel is not None:
                 await w.channel.close()
                 w.channel = None
+        self._retired.clear()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -160,8 +177,51 @@ class WorkerPool:
     # -- health ----------------------------------------------------------------
 
     async def poll_all(self) -> None:
-        """Ask every worker for its Status now, concurrently."""
+        """Refresh the membership (if discovered), then ask every worker for
+        its Status now, concurrently."""
+        if self.discover is not None:
+            await self._rediscover()
         await asyncio.gather(*(self._poll(w) for w in self.workers))
+        for w in [w for w in self._retired if w.in_flight == 0]:
+            self._retired.remove(w)
+            if w.channel is not None:
+                await w.channel.close()
+                w.channel = None
+
+    async def _rediscover(self) -> None:
+        assert self.discover is not None
+        try:
+            async with asyncio.timeout(self.poll_timeout_s):
+                decode, prefill = await self.discover()
+        except Exception as e:  # keep the last known membership
+            error = f"{type(e).__name__}: {e}"
+            if error != self.last_discovery_error:
+                log.warning("worker discovery failed (keeping the last list): %s", error)
+            self.last_discovery_error = error
+            return
+        self.last_discovery_error = None
+        self.decode = self._update(self.decode, decode, "decode")
+        self.prefill = self._update(self.prefill, prefill, "prefill")
+
+    def _update(
+        self, current: list[Worker], addresses: Sequence[str], pool: Literal["decode", "prefill"]
+    ) -> list[Worker]:
+        by_address = {w.address: w for w in current}
+        kept = []
+        for address in dict.fromkeys(addresses):
+            w = by_address.pop(address, None)
+            if w is None:
+                log.info("discovered %s worker %s", pool, address)
+                w = Worker(address, pool)
+                if self._started:
+                    w.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            kept.append(w)
+        for w in by_address.values():
+            log.info("%s worker %s left the pool", pool, w.address)
+            w.healthy = False
+            w.last_error = "left the pool"
+            self._retired.append(w)
+        return kept
 
     async def _poll(self, w: Worker) -> None:
         if w.channel is None:

@@ -26,7 +26,7 @@ from engine.config import EngineConfig, ModelConfig
 from router.endpoints import Generation
 from router.errors import APIError, install_error_handlers
 from router.metrics import RouterMetrics
-from router.pool import WorkerPool
+from router.pool import Discover, WorkerPool
 from router.preprocess import ServedModel
 
 
@@ -44,6 +44,9 @@ class RouterConfig:
     poll_interval_s: how often every worker's Status is polled.
     api_key: when set, every /v1/ route requires `Authorization: Bearer <key>`
         (401 otherwise); /health, /metrics and /cluster stay open for operators.
+    discover: when set, asked for the workers' addresses before every poll
+        (Kubernetes DNS, the Ray directory); the fixed addresses are then
+        only the starting point.
     """
 
     model: str
@@ -56,6 +59,7 @@ class RouterConfig:
     max_body_bytes: int = 1 << 20
     poll_interval_s: float = 0.5
     api_key: str | None = None  # if set, /v1/* requires "Authorization: Bearer <key>"
+    discover: Discover | None = None
 
     @property
     def resolved_served_name(self) -> str:
@@ -92,6 +96,7 @@ def build_app(config: RouterConfig) -> FastAPI:
         config.prefill_addresses,
         poll_interval_s=config.poll_interval_s,
         vocab_size=served.vocab_size,
+        discover=config.discover,
     )
     gen = Generation(served, pool, metrics, config.max_body_bytes)
     started = int(time.time())

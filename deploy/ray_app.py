@@ -1,0 +1,392 @@
+"""splitserve on Ray Serve: one application built from one scaling config.
+
+    Router     the ingress: the same FastAPI router as `splitserve serve`,
+               behind Serve's HTTP proxy
+    Prefill    } one deployment per pool, each placed by its own resources
+    Decode     } and scaled by its own policy (deploy/ray_autoscale.py)
+    Colocated  }
+    Directory  where each worker's gRPC endpoint is (one replica, no CPU)
+
+Every worker replica runs the same engine and the same gRPC servicer as a
+standalone worker process, on the node's address; it registers in the
+Directory, and the router finds the workers there (and so follows scaling).
+KV moves between pools over gRPC, or, with `kv_transport: ray`, through the
+object store: the decode replica calls the prefill deployment's handle and
+gets the first token, then the KV as numpy arrays that Ray stores once and
+the decode replica owns (ENVIRONMENT.md).
+
+Scale-down drains: Serve stops routing to the replica it picked, then calls
+its `__del__`, which leaves the Directory (the router stops sending within a
+poll), refuses the stragglers with UNAVAILABLE (the router or the decode
+worker retries elsewhere: nothing has reached the client yet), waits for its
+requests in flight to finish, and only then stops.
+
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+KubeRay and `serve deploy` reach the same builder through `app_builder`
+(import path `deploy.ray_app:app_builder`, argument `config`: the YAML's path
+or its contents as a mapping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import ray
+from ray import serve
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+from ray.serve.handle import DeploymentHandle
+
+from deploy.config import ClusterConfig, Pool, load_config, pool_engine_args
+
+log = logging.getLogger("splitserve.ray")
+
+APP_NAME = "splitserve"
+# Seconds without a heartbeat after which the Directory forgets a worker
+# (one that crashed cannot say goodbye).
+DIRECTORY_TTL_S = 10.0
+HEARTBEAT_S = 2.0
+# How often replicas push their load to Serve's autoscaler; Serve's default
+# (10 s) makes a scale-up take over 12 s (ENVIRONMENT.md).
+METRICS_INTERVAL_S = 0.5
+LOOK_BACK_PERIOD_S = 2.0
+
+
+class Directory:
+    """Which worker serves gRPC where: address -> (role, last heartbeat)."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, tuple[str, float]] = {}
+
+    def register(self, role: str, address: str) -> None:
+        self._workers[address] = (role, time.monotonic())
+
+    def deregister(self, address: str) -> None:
+        self._workers.pop(address, None)
+
+    def workers(self) -> dict[str, str]:
+        now = time.monotonic()
+        for address, (_, seen) in list(self._workers.items()):
+            if now - seen > DIRECTORY_TTL_S:
+                del self._workers[address]
+        return {address: role for address, (role, _) in self._workers.items()}
+
+
+class _WorkerReplica:
+    """What every worker replica does around its role's servicer: boot the
+    engine and gRPC server, heartbeat to the Directory, report load to the
+    autoscaler, drain on scale-down."""
+
+    role = ""
+
+    async def _boot(self, config: ClusterConfig, pool: Pool, directory: DeploymentHandle) -> None:
+        from engine.worker_process import load_engine, setup_logging, start_metrics_server
+
+        setup_logging(self.role)
+        self.config = config
+        self.pool = pool
+        self.directory = directory
+        args = self._parser().parse_args(pool_engine_args(config, pool, self.role))
+        self.args = args
+        self.metrics = self._make_metrics()
+        self.aengine = load_engine(args, self.metrics.engine)
+        host = ray.util.get_node_ip_address()
+        self.server = grpc.aio.server(options=_channel_options())
+        self.address = f"{host}:{self.server.add_insecure_port(f'{host}:0')}"
+        self.metrics_port = start_metrics_server(self.metrics.registry, 0, host=host)
+        self.servicer = self._make_servicer()
+        self.aengine.start()
+        await self.server.start()
+        await self.directory.register.remote(self.role, self.address)
+        self._heartbeat = asyncio.create_task(self._beat())
+        log.info("%s replica serving on %s", self.role, self.address)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(Exception):  # the Directory restarting: try again
+                await asyncio.wait_for(
+                    self.directory.register.remote(self.role, self.address), HEARTBEAT_S
+                )
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """This replica's load, per signal (deploy/config.py POOL_SIGNALS)."""
+        snap = self.aengine.snapshot
+        return {
+            "queued_prompt_tokens": float(snap.waiting_prompt_tokens),
+            "waiting_requests": float(snap.waiting + snap.awaiting_kv),
+            "kv_cache_usage": snap.kv_usage,
+        }
+
+    def check_health(self) -> None:
+        if self.aengine.error is not None:
+            raise RuntimeError(self.aengine.error)
+
+    def address_of(self) -> str:
+        return self.address
+
+    async def __del__(self) -> None:
+        """Scale-down (or shutdown): drain, then stop. Serve calls it once."""
+        from engine.worker_process import drain
+
+        self._heartbeat.cancel()
+        # Bounded: on `serve.delete` the Directory may already be gone, and a
+        # handle call would wait for it forever.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.directory.deregister.remote(self.address), 1.0)
+        # Requests the router sent before its next poll still arrive; they
+        # are refused from here on and retried elsewhere.
+        await asyncio.sleep(1.0)
+        self.servicer.draining = True
+        left = await drain(self._in_flight, self.pool.drain_timeout_s)
+        log.info("%s replica %s drained (%d left)", self.role, self.address, left)
+        await self.server.stop(grace=1.0)
+        self.aengine.stop()
+
+    # -- per role --------------------------------------------------------------
+
+    def _parser(self) -> Any:
+        raise NotImplementedError
+
+    def _make_metrics(self) -> Any:
+        raise NotImplementedError
+
+    def _make_servicer(self) -> Any:
+        raise NotImplementedError
+
+    def _in_flight(self) -> int:
+        raise NotImplementedError
+
+
+class PrefillReplica(_WorkerReplica):
+    role = "prefill"
+
+    async def __init__(self, config: ClusterConfig, directory: DeploymentHandle) -> None:  # type: ignore[misc]  # Serve awaits it
+        assert config.pools.prefill is not None
+        await self._boot(config, config.pools.prefill, directory)
+
+    def _parser(self) -> Any:
+        from prefill_worker.__main__ import parser
+
+        return parser()
+
+    def _make_metrics(self) -> Any:
+        from prefill_worker.metrics import PrefillMetrics
+
+        return PrefillMetrics()
+
+    def _make_servicer(self) -> Any:
+        from prefill_worker.server import PrefillServicer
+        from protos import splitserve_pb2_grpc as pb_grpc
+
+        servicer = PrefillServicer(self.aengine, self.metrics, self.address, self.metrics_port)
+        pb_grpc.add_PrefillWorkerServicer_to_server(servicer, self.server)
+        return servicer
+
+    def _in_flight(self) -> int:
+        return int(self.servicer.num_calls)
+
+    async def prefill(self, request: bytes) -> AsyncIterator[Any]:
+        """The object-store transport: the serialized FirstToken, then the KV."""
+        async for item in self.servicer.prefill_to_object_store(request):
+            yield item
+
+
+class DecodeReplica(_WorkerReplica):
+    role = "decode"
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits it
+        self,
+        config: ClusterConfig,
+        directory: DeploymentHandle,
+        prefill: DeploymentHandle | None = None,
+    ) -> None:
+        self.prefill_handle = prefill
+        pool = config.pools.colocated or config.pools.decode
+        assert pool is not None
+        if config.pools.colocated is not None:
+            self.role = "colocated"
+        await self._boot(config, pool, directory)
+
+    def _parser(self) -> Any:
+        from decode_worker.__main__ import parser
+
+        return parser()
+
+    def _make_metrics(self) -> Any:
+        from decode_worker.metrics import DecodeMetrics
+
+        return DecodeMetrics(self.role)
+
+    def _make_servicer(self) -> Any:
+        from decode_worker.remote_prefill import ObjectStorePrefill
+        from decode_worker.server import DecodeServicer
+        from protos import splitserve_pb2_grpc as pb_grpc
+
+        transport = None
+        if self.config.kv_transport == "ray" and self.prefill_handle is not None:
+            handle = self.prefill_handle.options(stream=True, _by_reference=True)
+
+            async def call(wire: bytes) -> AsyncIterator[Any]:
+                answer: Any = handle.prefill.remote(wire)
+                try:
+                    async for item in answer:
+                        yield item
+                finally:
+                    answer.cancel()  # no-op once it is complete
+
+            transport = ObjectStorePrefill(call)
+        servicer = DecodeServicer(
+            self.aengine,
+            self.metrics,
+            self.address,
+            self.metrics_port,
+            colocated=self.role == "colocated",
+            kv_reservation_ttl_s=self.args.kv_reservation_ttl,
+            stream_interval=max(1, self.args.stream_interval),
+            prefill_transport=transport,
+        )
+        pb_grpc.add_DecodeWorkerServicer_to_server(servicer, self.server)
+        return servicer
+
+    def _in_flight(self) -> int:
+        return int(self.servicer.num_streams)
+
+
+@serve.ingress()
+class RouterIngress:
+    """The HTTP API; finds the workers in the Directory at every poll."""
+
+    def __init__(
+        self, config: ClusterConfig, directory: DeploymentHandle, pools: list[DeploymentHandle]
+    ) -> None:
+        self.config = config
+        self.directory = directory
+        self.pools = pools  # held only so the pools belong to this application
+
+    async def _discover(self) -> tuple[list[str], list[str]]:
+        workers = await asyncio.wait_for(self.directory.workers.remote(), 2.0)
+        decode = sorted(a for a, role in workers.items() if role in ("decode", "colocated"))
+        prefill = sorted(a for a, role in workers.items() if role == "prefill")
+        return decode, prefill
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from router.server import RouterConfig, build_app
+
+        model = self.config.model_path
+        if model is None:
+            from engine.builtin_model import ensure_default_model
+
+            model = str(ensure_default_model())
+        return build_app(
+            RouterConfig(
+                model=model,
+                api_key=self.config.router.api_key,
+                max_model_len=_max_model_len(self.config),
+                discover=self._discover,
+            )
+        )
+
+
+def _max_model_len(config: ClusterConfig) -> int | None:
+    pools = [p for p in (config.pools.prefill, config.pools.decode, config.pools.colocated) if p]
+    lengths = [p.engine.max_model_len for p in pools if p.engine.max_model_len is not None]
+    return min(lengths) if lengths else None
+
+
+def _channel_options() -> list[tuple[str, Any]]:
+    from kvtransfer.grpc_backend import CHANNEL_OPTIONS
+
+    return list(CHANNEL_OPTIONS)
+
+
+def deployment_options(pool: Pool, name: str) -> dict[str, Any]:
+    """Serve options for one pool: placement by its resources, and either a
+    fixed size or autoscaling on the pool's own signal."""
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {
+            "num_cpus": pool.resources.num_cpus,
+            "num_gpus": pool.resources.num_gpus,
+        },
+        # Requests reach workers over gRPC or as prefill calls; neither should
+        # wait in Serve's queue where the engine's scheduler cannot see it.
+        "max_ongoing_requests": 1024,
+        "graceful_shutdown_timeout_s": pool.drain_timeout_s + 5.0,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "health_check_period_s": 2.0,
+    }
+    lo = pool.min_replicas if pool.min_replicas is not None else pool.replicas
+    hi = pool.max_replicas if pool.max_replicas is not None else pool.replicas
+    auto = pool.autoscaling
+    if auto is None or lo == hi:
+        options["num_replicas"] = pool.replicas
+        return options
+    options["autoscaling_config"] = AutoscalingConfig(
+        min_replicas=lo,
+        max_replicas=hi,
+        initial_replicas=pool.replicas,
+        upscale_delay_s=auto.upscale_delay_s,
+        downscale_delay_s=auto.downscale_delay_s,
+        metrics_interval_s=METRICS_INTERVAL_S,
+        look_back_period_s=LOOK_BACK_PERIOD_S,
+        policy=AutoscalingPolicy(
+            policy_function="deploy.ray_autoscale:PoolScaler",
+            policy_kwargs={"signal": auto.signal, "target": auto.target},
+        ),
+    )
+    return options
+
+
+def _deployment(cls: type, **options: Any) -> Any:
+    return serve.deployment(**options)(cls)
+
+
+def build_app(config: ClusterConfig) -> Any:
+    """The Serve application for `config` (pass to serve.run)."""
+    directory = _deployment(
+        Directory, name="Directory", num_replicas=1, ray_actor_options={"num_cpus": 0}
+    ).bind()
+    pools = config.pools
+    if pools.colocated is not None:
+        colocated = _deployment(
+            DecodeReplica, **deployment_options(pools.colocated, "Colocated")
+        ).bind(config, directory)
+        workers = [colocated]
+    else:
+        assert pools.prefill is not None and pools.decode is not None
+        prefill = _deployment(PrefillReplica, **deployment_options(pools.prefill, "Prefill")).bind(
+            config, directory
+        )
+        decode = _deployment(DecodeReplica, **deployment_options(pools.decode, "Decode")).bind(
+            config, directory, prefill if config.kv_transport == "ray" else None
+        )
+        workers = [prefill, decode]
+    # The router does not call the workers through Serve (it speaks gRPC to
+    # the addresses in the Directory), but binding them here makes every pool
+    # part of the one application, deployed and deleted with it.
+    router = _deployment(
+        RouterIngress,
+        name="Router",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=4096,
+    )
+    return router.bind(config, directory, workers)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For `serve run deploy.ray_app:app_builder config=...` and KubeRay's
+    serveConfigV2: `config` is a YAML path or the config as a mapping."""
+    raw = args.get("config")
+    if isinstance(raw, str):
+        return build_app(load_config(raw))
+    if isinstance(raw, dict):
+        return build_app(ClusterConfig.model_validate(raw))
+    raise ValueError("app_builder needs `config`: a YAML path or the config as a mapping")

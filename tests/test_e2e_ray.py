@@ -1,0 +1,296 @@
+"""`splitserve up` on an embedded local Ray (2 CPUs, 127.0.0.1), end to end:
+the openai client against the Serve application with KV through the object
+store, per-pool autoscaling on the pools' own signals, draining scale-down,
+what the cluster listens on, and `splitserve down` leaving nothing behind.
+
+One cluster serves the module; the tests run in file order, because the
+decode pool starts at 2 replicas and shrinks to 1 a few seconds after it is
+ready (its KV cache is nearly empty): the drain test must catch that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from engine import LLM, SamplingParams
+from tests.cluster import free_port
+from tests.procs import alive, descendants, listening_addresses
+
+pytestmark = pytest.mark.slow
+
+DECODE_DOWNSCALE_DELAY_S = 6.0
+
+
+def _config(model: Path, port: int) -> dict:
+    def pool(replicas: int, kv_mib: int, signal: str, target: float, down_s: float) -> dict:
+        return {
+            "replicas": replicas,
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "resources": {"num_cpus": 0.5},
+            "engine": {
+                "kv_cache_mib": kv_mib,
+                "max_num_batched_tokens": 1024,
+                "threads": 1,
+                "dtype": "float32",
+            },
+            "autoscaling": {
+                "signal": signal,
+                "target": target,
+                "upscale_delay_s": 0.5,
+                "downscale_delay_s": down_s,
+            },
+            "drain_timeout_s": 90,
+        }
+
+    return {
+        "model": str(model),
+        "kv_transport": "ray",
+        "router": {"host": "127.0.0.1", "port": port},
+        "pools": {
+            "prefill": pool(1, 16, "queued_prompt_tokens", 256, 5.0),
+            "decode": pool(2, 128, "kv_cache_usage", 0.9, DECODE_DOWNSCALE_DELAY_S),
+        },
+    }
+
+
+class RayUp:
+    """A `splitserve up` child process and what it started."""
+
+    def __init__(self, tmp: Path, model: Path) -> None:
+        self.model = model
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp / "ray.yaml"
+        self.config_path.write_text(yaml.safe_dump(_config(model, self.port)))
+        self.state_file = tmp / "up.json"
+        self.log_path = tmp / "up.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "deploy.cli", "up", "--config", str(self.config_path)]
+        cmd += ["--num-cpus", "2", "--state-file", str(self.state_file)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.pids: set[int] = set()
+        deadline = time.monotonic() + 300
+        while "pools:" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"splitserve up did not come up:\n{self.log()[-4000:]}")
+            time.sleep(0.3)
+        self.record_pids()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def record_pids(self) -> None:
+        self.pids |= descendants(self.proc.pid)
+
+    def pools(self) -> dict[str, list[dict]]:
+        workers = httpx.get(f"{self.url}/cluster", timeout=10).json()["workers"]
+        out: dict[str, list[dict]] = {"prefill": [], "decode": []}
+        for w in workers:
+            out.setdefault(w["role"], []).append(w)
+        return out
+
+    def down(self) -> int:
+        cmd = [sys.executable, "-m", "deploy.cli", "down", "--state-file", str(self.state_file)]
+        return subprocess.run(cmd, capture_output=True, timeout=240).returncode
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.down()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.pids:  # only what this cluster started
+            if alive(pid):
+                with_kill(pid)
+        self._log.close()
+
+
+def with_kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_up(tmp_path_factory):
+    from engine.builtin_model import make_model
+
+    tmp = tmp_path_factory.mktemp("ray_up")
+    # A context long enough for streams that outlast a scale-down.
+    model = make_model(tmp / "tiny8k", preset="tiny", max_position_embeddings=8192)
+    cluster = RayUp(tmp, model)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_scale_down_drains_streams_in_flight(ray_up):
+    """The decode pool starts at 2 and its policy wants 1: Serve stops one
+    replica while it is streaming; every stream still finishes in full."""
+    n_tokens = 7000
+    body = {"max_tokens": n_tokens, "ignore_eos": True, "temperature": 0}
+    results: list[httpx.Response] = []
+
+    def one(i: int) -> httpx.Response:
+        r = httpx.post(
+            f"{ray_up.url}/v1/completions", json={**body, "prompt": f"story {i}"}, timeout=300
+        )
+        results.append(r)
+        return r
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(8)]
+        # Both decode replicas take streams...
+        deadline = time.monotonic() + 30
+        while True:
+            decode = ray_up.pools()["decode"]
+            if len(decode) == 2 and all((w["running"] or 0) > 0 for w in decode):
+                break
+            assert time.monotonic() < deadline, f"streams not on both decode replicas: {decode}"
+            time.sleep(0.2)
+        # ...then one of them leaves the pool while its streams are running.
+        deadline = time.monotonic() + DECODE_DOWNSCALE_DELAY_S + 60
+        while len(ray_up.pools()["decode"]) != 1:
+            assert time.monotonic() < deadline, "the decode pool never shrank"
+            time.sleep(0.2)
+        assert not all(f.done() for f in futures), "streams ended before the scale-down"
+        responses = [f.result() for f in futures]
+    for r in responses:
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == n_tokens
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_client_greedy_equals_offline(ray_up):
+    client = openai.OpenAI(base_url=f"{ray_up.url}/v1", api_key="unused", max_retries=0)
+    model_name = client.models.list().data[0].id
+    prompts = ["The quick brown fox", "Once upon a time", "a b c d e f g h i j k l m n o p"]
+    llm = LLM(str(ray_up.model), dtype="float32", kv_cache_bytes=8 << 20)
+    expected = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+    )
+    for prompt, ref in zip(prompts, expected, strict=True):
+        out = client.completions.create(
+            model=model_name,
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert out.choices[0].text == ref.text
+        # Streaming gives the same text, chunk by chunk.
+        chunks = client.completions.create(
+            model=model_name,
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    timings = httpx.post(
+        f"{ray_up.url}/v1/completions",
+        json={"prompt": prompts[0], "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    ).json()["splitserve_timings"]
+    assert timings["kv_transfer_bytes"] > 0  # the prompt's KV came through the object store
+
+
+def test_prompt_burst_grows_prefill_pool_only_then_it_shrinks(ray_up):
+    """Queued prompt tokens grow the prefill pool while the decode pool (KV
+    cache far from its target) stays put; idle, the prefill pool shrinks back,
+    and requests sent through the scale-down all succeed."""
+    deadline = time.monotonic() + 60
+    while [len(v) for v in ray_up.pools().values()] != [1, 1]:
+        assert time.monotonic() < deadline, ray_up.pools()
+        time.sleep(0.3)
+
+    sizes: list[tuple[float, int, int]] = []
+    watching = threading.Event()
+    watching.set()
+
+    def watch() -> None:
+        while watching.is_set():
+            pools = ray_up.pools()
+            sizes.append((time.monotonic(), len(pools["prefill"]), len(pools["decode"])))
+            time.sleep(0.2)
+
+    prompt = " ".join(["splitserve"] * 600)  # ~600 tokens
+    watcher = threading.Thread(target=watch, daemon=True)
+    start = time.monotonic()
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            codes = list(
+                pool.map(
+                    lambda i: (
+                        httpx.post(
+                            f"{ray_up.url}/v1/completions",
+                            json={"prompt": f"{i} {prompt}", "max_tokens": 2},
+                            timeout=300,
+                        ).status_code
+                    ),
+                    range(256),
+                )
+            )
+        assert codes == [200] * 256
+        deadline = start + 120
+        while not any(p == 2 for _, p, _ in sizes):
+            assert time.monotonic() < deadline, "the prefill pool did not grow"
+            time.sleep(0.2)
+        grew = next(t for t, p, _ in sizes if p == 2) - start
+        print(f"prefill pool 1 -> 2 replicas serving {grew:.1f}s after the burst began")
+        assert all(d == 1 for _, _, d in sizes), "the decode pool moved"
+
+        # Idle but for a trickle of requests, which must all succeed while
+        # the second prefill replica drains and leaves.
+        trickle: list[int] = []
+        deadline = time.monotonic() + 90
+        while sizes[-1][1] != 1:
+            assert time.monotonic() < deadline, "the prefill pool did not shrink"
+            r = httpx.post(
+                f"{ray_up.url}/v1/completions",
+                json={"prompt": prompt, "max_tokens": 4},
+                timeout=60,
+            )
+            trickle.append(r.status_code)
+        assert trickle and trickle == [200] * len(trickle)
+    finally:
+        watching.clear()
+        watcher.join()
+
+
+def test_cluster_listens_on_loopback_only(ray_up):
+    ray_up.record_pids()
+    addresses = listening_addresses(ray_up.pids)
+    assert addresses, "found no listening socket"
+    assert addresses <= {"127.0.0.1", "::1"}, addresses
+
+
+def test_down_stops_everything(ray_up):
+    ray_up.record_pids()
+    assert ray_up.down() == 0
+    assert ray_up.proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in ray_up.pids):
+        left = [pid for pid in ray_up.pids if alive(pid)]
+        assert time.monotonic() < deadline, f"still running after down: {left}"
+        time.sleep(0.5)
+    assert "stopped" in ray_up.log()
