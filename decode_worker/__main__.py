@@ -12,6 +12,7 @@ from decode_worker.metrics import DecodeMetrics
 from decode_worker.server import DecodeServicer
 from engine.worker_process import (
     add_worker_args,
+    advertised_address,
     announce_and_wait,
     drain,
     load_engine,
@@ -58,7 +59,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = DecodeMetrics(_role(args))
     aengine = load_engine(args, metrics.engine)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    address = f"{args.host}:{server.add_insecure_port(f'{args.host}:{args.port}')}"
+    address = advertised_address(args, server.add_insecure_port(f"{args.host}:{args.port}"))
     metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
     servicer = DecodeServicer(
         aengine,

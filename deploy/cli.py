@@ -272,7 +272,8 @@ def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
         port=config.router.port,
         prefill_args=engine_of(pools.prefill) if pools.prefill else (),
         decode_args=engine_of(decode_pool),
-        api_key=args.api_key or config.router.api_key,
+        api_key=args.api_key or config.router.resolved_api_key,
+        policy=config.router.policy,
     )
 
 

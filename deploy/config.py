@@ -10,6 +10,7 @@ field commented: deploy/examples/*.yaml.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -83,7 +84,28 @@ class Router(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(None, description="if set, clients must send it as a Bearer token")
+    api_key_env: str | None = Field(
+        None, description="or: the environment variable that holds the key (e.g. from a Secret)"
+    )
     policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Router:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("router: give api_key or api_key_env, not both")
+        return self
+
+    @property
+    def resolved_api_key(self) -> str | None:
+        """The key, read from the environment where the router runs."""
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"router.api_key_env: the environment variable {self.api_key_env} is not set"
+                )
+            return key
+        return self.api_key
 
 
 class Pools(_Strict):

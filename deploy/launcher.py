@@ -46,6 +46,7 @@ class ClusterSpec:
     decode_args: tuple[str, ...] = ()
     served_model_name: str | None = None
     api_key: str | None = None  # the router then requires it on /v1/
+    policy: str = "least_loaded"  # how the router picks a decode worker
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -194,6 +195,7 @@ class LocalCluster:
             host=spec.host,
             port=spec.port,
             api_key=spec.api_key,
+            policy=spec.policy,  # type: ignore[arg-type]  # checked by the config or the CLI
         )
         url = f"http://{spec.host}:{spec.port}"
         name = spec.served_model_name or Path(spec.model).name

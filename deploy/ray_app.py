@@ -287,7 +287,8 @@ class RouterIngress:
         return build_app(
             RouterConfig(
                 model=model,
-                api_key=self.config.router.api_key,
+                api_key=self.config.router.resolved_api_key,
+                policy=self.config.router.policy,
                 max_model_len=_max_model_len(self.config),
                 discover=self._discover,
             )

@@ -170,9 +170,10 @@ def up(
         _wait_healthy(url, timeout_s=300)
         out(f"ready in {time.monotonic() - t0:.1f}s: {url}  (KV over {config.kv_transport})")
         _write_state(state_file, {"pid": os.getpid(), "address": address, "url": url})
-        auth = (
-            f' -H "Authorization: Bearer {config.router.api_key}"' if config.router.api_key else ""
+        key = config.router.api_key or (
+            f"${config.router.api_key_env}" if config.router.api_key_env else None
         )
+        auth = f' -H "Authorization: Bearer {key}"' if key else ""
         out(
             f"try: curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             """-d '{"prompt": "Hello", "max_tokens": 16}'"""

@@ -30,6 +30,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     """Options every worker takes: where to serve, metrics, ready file, the engine."""
     p.add_argument("--host", default="127.0.0.1", help="address to serve gRPC and /metrics on")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+    p.add_argument(
+        "--advertise-host",
+        help="the address others reach this worker at, shown in its Status and timings "
+        "(default: --host, or this machine's address when --host is 0.0.0.0 or ::; on "
+        "Kubernetes pass the pod IP)",
+    )
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: free, -1: off)")
     p.add_argument("--ready-file", help="write {address, pid, metrics_port} JSON here when ready")
     p.add_argument(
@@ -81,6 +87,19 @@ def load_engine(args: argparse.Namespace, metrics: EngineMetrics) -> AsyncEngine
 
     aengine = AsyncEngine(engine, asyncio.get_running_loop(), on_step=on_step)
     return aengine
+
+
+def advertised_address(args: argparse.Namespace, port: int) -> str:
+    """host:port for others to dial: never a wildcard address."""
+    host = args.advertise_host or args.host
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        import socket
+
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> int:

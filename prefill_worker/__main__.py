@@ -10,6 +10,7 @@ import grpc
 
 from engine.worker_process import (
     add_worker_args,
+    advertised_address,
     announce_and_wait,
     drain,
     load_engine,
@@ -36,7 +37,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = PrefillMetrics()
     aengine = load_engine(args, metrics.engine)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    address = f"{args.host}:{server.add_insecure_port(f'{args.host}:{args.port}')}"
+    address = advertised_address(args, server.add_insecure_port(f"{args.host}:{args.port}"))
     metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
     servicer = PrefillServicer(aengine, metrics, address, metrics_port)
     pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -92,6 +93,19 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="seconds between worker Status polls (default: %(default)s)",
     )
+    p.add_argument(
+        "--policy",
+        choices=["least_loaded", "round_robin"],
+        default="least_loaded",
+        help="how to pick a decode worker: most free KV blocks and least load, or in turn "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SPLITSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/ (default: $SPLITSERVE_API_KEY, "
+        "so a Kubernetes Secret can supply it)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -119,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_body_bytes=args.max_body_bytes,
         poll_interval_s=args.poll_interval,
+        policy=args.policy,
+        api_key=args.api_key or None,
         discover=(
             dns_discovery(args.decode_dns, args.prefill_dns, args.decode, args.prefill)
             if args.decode_dns or args.prefill_dns

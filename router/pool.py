@@ -126,6 +126,7 @@ class WorkerPool:
         poll_timeout_s: float = 1.0,
         vocab_size: int | None = None,
         discover: Discover | None = None,
+        policy: Literal["least_loaded", "round_robin"] = "least_loaded",
     ) -> None:
         self.vocab_size = vocab_size  # the router's model: workers must match it
         self.decode = [Worker(a, "decode") for a in dict.fromkeys(decode)]
@@ -133,6 +134,7 @@ class WorkerPool:
         self.poll_interval_s = poll_interval_s
         self.poll_timeout_s = poll_timeout_s
         self.discover = discover
+        self.policy = policy
         self.last_discovery_error: str | None = None
         self._retired: list[Worker] = []  # removed, with calls still open
         self._started = False
@@ -285,9 +287,11 @@ class WorkerPool:
     def pick_decode(self, prompt_len: int, exclude: set[str]) -> Worker | None:
         """The best healthy decode worker not in `exclude`, or None.
 
-        Order: those whose (estimated) free blocks fit the prompt first (a hint:
-        the worker alone decides), then most free blocks, then fewest requests
-        running and queued, then round-robin.
+        least_loaded: those whose (estimated) free blocks fit the prompt
+        first (a hint: the worker alone decides), then most free blocks, then
+        fewest requests running and queued, then round-robin.
+        round_robin: in turn, skipping only those that (by the estimate)
+        cannot fit the prompt.
         """
         candidates = [
             (i, w) for i, w in enumerate(self.decode) if w.healthy and w.address not in exclude
@@ -301,6 +305,8 @@ class WorkerPool:
             i, w = iw
             free = w.est_free_blocks()
             need = -(-prompt_len // w.block_size)
+            if self.policy == "round_robin":
+                return (free < need, 0, 0, (i - turn) % n)
             load = (w.status.running + w.status.waiting) if w.status else 0
             return (free < need, -free, load + w.in_flight, (i - turn) % n)
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -44,6 +44,7 @@ class RouterConfig:
     poll_interval_s: how often every worker's Status is polled.
     api_key: when set, every /v1/ route requires `Authorization: Bearer <key>`
         (401 otherwise); /health, /metrics and /cluster stay open for operators.
+    policy: how to pick a decode worker (router/pool.py pick_decode).
     discover: when set, asked for the workers' addresses before every poll
         (Kubernetes DNS, the Ray directory); the fixed addresses are then
         only the starting point.
@@ -60,6 +61,7 @@ class RouterConfig:
     poll_interval_s: float = 0.5
     api_key: str | None = None  # if set, /v1/* requires "Authorization: Bearer <key>"
     discover: Discover | None = None
+    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
 
     @property
     def resolved_served_name(self) -> str:
@@ -97,6 +99,7 @@ def build_app(config: RouterConfig) -> FastAPI:
         poll_interval_s=config.poll_interval_s,
         vocab_size=served.vocab_size,
         discover=config.discover,
+        policy=config.policy,
     )
     gen = Generation(served, pool, metrics, config.max_body_bytes)
     started = int(time.time())

@@ -72,6 +72,10 @@ BAD = {
         with_(lambda c: c["pools"]["prefill"]["engine"].update(kv_cache_mib="lots")),
         ["pools.prefill.engine.kv_cache_mib"],
     ),
+    "two ways to give the key": (
+        with_(lambda c: c["router"].update(api_key="k", api_key_env="KEY")),
+        ["router", "api_key or api_key_env"],
+    ),
     "port out of range": (
         with_(lambda c: c["router"].update(port=70000)),
         ["router.port"],
@@ -91,3 +95,12 @@ def test_bad_configs_name_the_field(tmp_path, case):
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_api_key_can_come_from_the_environment(tmp_path, monkeypatch):
+    config = load_config(write(tmp_path, with_(lambda c: c["router"].update(api_key_env="SS_KEY"))))
+    monkeypatch.delenv("SS_KEY", raising=False)
+    with pytest.raises(ValueError, match="SS_KEY is not set"):
+        _ = config.router.resolved_api_key
+    monkeypatch.setenv("SS_KEY", "s3cret")
+    assert config.router.resolved_api_key == "s3cret"

@@ -70,12 +70,14 @@ def _config(model: Path, port: int) -> dict:
 class RayUp:
     """A `splitserve up` child process and what it started."""
 
-    def __init__(self, tmp: Path, model: Path) -> None:
+    def __init__(self, tmp: Path, model: Path, config: dict | None = None) -> None:
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp / "ray.yaml"
-        self.config_path.write_text(yaml.safe_dump(_config(model, self.port)))
+        config = config if config is not None else _config(model, self.port)
+        config["router"]["port"] = self.port
+        self.config_path.write_text(yaml.safe_dump(config))
         self.state_file = tmp / "up.json"
         self.log_path = tmp / "up.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -179,6 +181,12 @@ def test_scale_down_drains_streams_in_flight(ray_up):
 
 
 def test_openai_client_greedy_equals_offline(ray_up):
+    assert_greedy_equals_offline(ray_up)
+
+
+def assert_greedy_equals_offline(ray_up: RayUp) -> dict:
+    """Completions, plain and streamed, equal the offline engine's; returns
+    the splitserve_timings of one more request."""
     client = openai.OpenAI(base_url=f"{ray_up.url}/v1", api_key="unused", max_retries=0)
     model_name = client.models.list().data[0].id
     prompts = ["The quick brown fox", "Once upon a time", "a b c d e f g h i j k l m n o p"]
@@ -205,12 +213,13 @@ def test_openai_client_greedy_equals_offline(ray_up):
             extra_body={"ignore_eos": True},
         )
         assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
-    timings = httpx.post(
+    timings: dict = httpx.post(
         f"{ray_up.url}/v1/completions",
         json={"prompt": prompts[0], "max_tokens": 4, "temperature": 0},
         timeout=60,
     ).json()["splitserve_timings"]
-    assert timings["kv_transfer_bytes"] > 0  # the prompt's KV came through the object store
+    assert timings["kv_transfer_bytes"] > 0  # the prompt's KV came from the prefill pool
+    return timings
 
 
 def test_prompt_burst_grows_prefill_pool_only_then_it_shrinks(ray_up):
@@ -235,6 +244,7 @@ def test_prompt_burst_grows_prefill_pool_only_then_it_shrinks(ray_up):
     prompt = " ".join(["splitserve"] * 600)  # ~600 tokens
     watcher = threading.Thread(target=watch, daemon=True)
     start = time.monotonic()
+    print(f"\nburst of 256 prompts began at {time.strftime('%H:%M:%S')}")
     watcher.start()
     try:
         with ThreadPoolExecutor(64) as pool:

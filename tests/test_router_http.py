@@ -245,6 +245,17 @@ def test_decode_selection_prefers_room_and_spreads_a_burst():
     assert pool.pick_decode(16, set()).address == "d0:1"
 
 
+def test_round_robin_takes_turns_among_those_with_room():
+    pool = _pool(10, 40, 30)
+    pool.policy = "round_robin"
+    picks = [pool.pick_decode(16, set()).address for _ in range(6)]
+    assert sorted(picks) == ["d0:1", "d0:1", "d1:1", "d1:1", "d2:1", "d2:1"]
+    assert len(set(picks[:3])) == 3  # each once per turn
+    # 20 blocks fit only d1 and d2: d0 is skipped, not taken in its turn.
+    picks = {pool.pick_decode(20 * 16, set()).address for _ in range(6)}
+    assert picks == {"d1:1", "d2:1"}
+
+
 def test_prefill_ranking_counts_the_routers_own_unanswered_prompts():
     pool = _pool(50, prefill_waiting=(100, 300))
     d = pool.decode[0]
