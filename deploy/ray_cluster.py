@@ -56,16 +56,28 @@ def bind_serve_to_loopback() -> None:
     replica.add_port_to_grpc_server = bind_loopback
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rpartition(":")[0] or address
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
 def start_ray(address: str | None, num_cpus: int | None) -> bool:
     """Connect to `address`, or start a local Ray on loopback; True when
-    this process started it (and so stops it)."""
-    if address is None:
+    this process started it (and so stops it). A cluster on 127.0.0.1 gets
+    the loopback setup hook too."""
+    local = address is None or _is_loopback(address)
+    if local:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     import ray
 
     if address is not None:
-        ray.init(address=address, namespace="splitserve", log_to_driver=False)
+        ray.init(
+            address=address,
+            namespace="splitserve",
+            log_to_driver=False,
+            runtime_env={"worker_process_setup_hook": SETUP_HOOK} if local else None,
+        )
         return False
     ray.init(
         address="local",

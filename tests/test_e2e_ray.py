@@ -70,7 +70,9 @@ def _config(model: Path, port: int) -> dict:
 class RayUp:
     """A `splitserve up` child process and what it started."""
 
-    def __init__(self, tmp: Path, model: Path, config: dict | None = None) -> None:
+    def __init__(
+        self, tmp: Path, model: Path, config: dict | None = None, address: str | None = None
+    ) -> None:
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -82,7 +84,8 @@ class RayUp:
         self.log_path = tmp / "up.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "deploy.cli", "up", "--config", str(self.config_path)]
-        cmd += ["--num-cpus", "2", "--state-file", str(self.state_file)]
+        cmd += ["--state-file", str(self.state_file)]
+        cmd += ["--address", address] if address else ["--num-cpus", "2"]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         self.pids: set[int] = set()
         deadline = time.monotonic() + 300
