@@ -247,6 +247,11 @@ class ObjectStorePrefill:
             if not receiver.is_complete(rid):
                 raise PrefillFailed("KV incomplete: some layers or blocks never arrived")
             result.kv_seconds = time.monotonic() - start
+            del payload  # the objects are released here, not when the stream is collected
+            # Read the answer to its end, so the call completes rather than
+            # being cancelled after its last item.
+            async for extra in stream:
+                raise PrefillFailed(f"unexpected {type(extra).__name__} after the KV")
         except StopAsyncIteration:
             raise PrefillFailed("the prefill worker ended its answer early") from None
         finally:

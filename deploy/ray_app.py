@@ -30,6 +30,7 @@ or its contents as a mapping).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -78,7 +79,7 @@ class Directory:
         return {address: role for address, (role, _) in self._workers.items()}
 
 
-class _WorkerReplica:
+class _WorkerReplica(abc.ABC):
     """What every worker replica does around its role's servicer: boot the
     engine and gRPC server, heartbeat to the Directory, report load to the
     autoscaler, drain on scale-down."""
@@ -128,9 +129,6 @@ class _WorkerReplica:
         if self.aengine.error is not None:
             raise RuntimeError(self.aengine.error)
 
-    def address_of(self) -> str:
-        return self.address
-
     async def __del__(self) -> None:
         """Scale-down (or shutdown): drain, then stop. Serve calls it once."""
         from engine.worker_process import drain
@@ -151,17 +149,21 @@ class _WorkerReplica:
 
     # -- per role --------------------------------------------------------------
 
+    @abc.abstractmethod
     def _parser(self) -> Any:
-        raise NotImplementedError
+        """The role's command-line parser (the options a standalone worker takes)."""
 
+    @abc.abstractmethod
     def _make_metrics(self) -> Any:
-        raise NotImplementedError
+        """The role's Prometheus metrics."""
 
+    @abc.abstractmethod
     def _make_servicer(self) -> Any:
-        raise NotImplementedError
+        """The role's gRPC servicer, added to self.server."""
 
+    @abc.abstractmethod
     def _in_flight(self) -> int:
-        raise NotImplementedError
+        """Requests in flight now (a draining replica waits for 0)."""
 
 
 class PrefillReplica(_WorkerReplica):
@@ -235,11 +237,14 @@ class DecodeReplica(_WorkerReplica):
 
             async def call(wire: bytes) -> AsyncIterator[Any]:
                 answer: Any = handle.prefill.remote(wire)
+                complete = False
                 try:
                     async for item in answer:
                         yield item
+                    complete = True
                 finally:
-                    answer.cancel()  # no-op once it is complete
+                    if not complete:  # the caller gave up: stop the prefill
+                        answer.cancel()
 
             transport = ObjectStorePrefill(call)
         servicer = DecodeServicer(

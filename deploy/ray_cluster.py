@@ -181,7 +181,12 @@ def up(
         url = f"http://{host}:{port}"
         _wait_healthy(url, timeout_s=300)
         out(f"ready in {time.monotonic() - t0:.1f}s: {url}  (KV over {config.kv_transport})")
-        _write_state(state_file, {"pid": os.getpid(), "address": address, "url": url})
+        import ray
+
+        gcs = ray.get_runtime_context().gcs_address
+        _write_state(
+            state_file, {"pid": os.getpid(), "address": address, "gcs_address": gcs, "url": url}
+        )
         key = config.router.api_key or (
             f"${config.router.api_key_env}" if config.router.api_key_env else None
         )

@@ -18,10 +18,11 @@ lands in the `finally`, which frees whatever the request holds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -78,13 +79,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a PrefillRequest first")
         r = msg.request
         rid = r.request_id
-        outcome = "aborted"
-        self.num_calls += 1
-        try:
+        with self._call(rid) as outcome:
             try:
-                first = await self._first_token(r)
+                first = await self._first_token(r, outcome)
             except _Refused as e:
-                outcome = "failed" if e.code == grpc.StatusCode.INTERNAL else outcome
                 await context.abort(e.code, e.message)
             await context.write(pb.PrefillServerMessage(first_token=first))
 
@@ -105,16 +103,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             self.metrics.kv_bytes.inc(stats.num_bytes)
             self.metrics.kv_seconds.observe(stats.seconds)
             if not ok:
-                outcome = "failed"
+                outcome[0] = "failed"
                 log.warning("request %s: KV not acknowledged: %s", rid, sender.error)
                 return
-            outcome = "ok"
-        finally:
-            # Frees the blocks whether they are held (done or failed transfer)
-            # or the prompt is still queued or computing (cancelled).
-            self.num_calls -= 1
-            self.aengine.abort(rid)
-            self.metrics.requests.labels("prefill", outcome).inc()
+            outcome[0] = "ok"
 
     async def prefill_to_object_store(
         self, request: bytes
@@ -126,13 +118,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         gRPC status name) for a request it will not take."""
         r = pb.PrefillRequest.FromString(request)
         rid = r.request_id
-        outcome = "aborted"
-        self.num_calls += 1
-        try:
+        with self._call(rid) as outcome:
             try:
-                first = await self._first_token(r)
+                first = await self._first_token(r, outcome)
             except _Refused as e:
-                outcome = "failed" if e.code == grpc.StatusCode.INTERNAL else outcome
                 raise PrefillRefused(e.code.name, e.message) from None
             yield first.SerializeToString()
             start = time.monotonic()
@@ -144,13 +133,24 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             self.metrics.kv_bytes.inc(payload.nbytes)
             self.metrics.kv_seconds.observe(time.monotonic() - start)
             yield payload
-            outcome = "ok"
+            outcome[0] = "ok"
+
+    @contextlib.contextmanager
+    def _call(self, rid: str) -> Iterator[list[str]]:
+        """One prefill, however it ends: counted while in flight (a draining
+        worker waits for these), and its blocks freed at the end, whether
+        they are held (KV sent or not) or the prompt is still queued or
+        computing (cancelled). Yields the outcome to set, in a list."""
+        outcome = ["aborted"]
+        self.num_calls += 1
+        try:
+            yield outcome
         finally:
             self.num_calls -= 1
             self.aengine.abort(rid)
-            self.metrics.requests.labels("prefill", outcome).inc()
+            self.metrics.requests.labels("prefill", outcome[0]).inc()
 
-    async def _first_token(self, r: pb.PrefillRequest) -> pb.FirstToken:
+    async def _first_token(self, r: pb.PrefillRequest, outcome: list[str]) -> pb.FirstToken:
         """Queue the prompt and wait for its first token; its blocks stay held
         (the caller frees them with abort). Raises _Refused."""
         if self.aengine.error is not None:
@@ -163,6 +163,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         q = self.aengine.add_request(req)
         delta = await q.get()
         if delta.error is not None:
+            outcome[0] = "failed"
             raise _Refused(grpc.StatusCode.INTERNAL, delta.error)
         out = delta.finished
         assert out is not None and out.token_ids, "prefill ends at the first token"
