@@ -60,9 +60,11 @@ class DecodeMetrics:
         self.prompt_tokens = Counter(
             "splitserve_prompt_tokens", "Prompt tokens of finished requests.", ["role"], registry=r
         ).labels(role)
-        self.generation_tokens = Counter(
+        generation_tokens = Counter(
             "splitserve_generation_tokens", "Output tokens generated.", ["role"], registry=r
-        ).labels(role)
+        )
+        self.generation_tokens = generation_tokens.labels(role)
+        self.engine.count_produced(generation_tokens)
         self.requests = Counter(
             "splitserve_requests", "Requests by outcome.", ["role", "outcome"], registry=r
         )

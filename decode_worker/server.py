@@ -91,7 +91,15 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
         if self.aengine.error is not None:  # the router then marks us unhealthy
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
-        return worker_status(self.aengine, self.role, self.address, self.metrics_port)
+        engine_metrics = self.metrics.engine
+        return worker_status(
+            self.aengine,
+            self.role,
+            self.address,
+            self.metrics_port,
+            cost_dollars=engine_metrics.cost.dollars(),
+            tokens_produced=engine_metrics.tokens_produced(),
+        )
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -246,7 +246,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
     """ClusterSpec fields from a scaling config (pools, per-pool engine limits, router)."""
-    from deploy.config import ConfigError, load_config
+    from deploy.config import ConfigError, load_config, pool_engine_args
 
     config = load_config(args.config)
     if config.kv_transport != "grpc":
@@ -257,10 +257,8 @@ def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
     pools = config.pools
 
     def engine_of(pool: Any) -> tuple[str, ...]:
-        e = pool.engine
-        return tuple(
-            _engine_args(e.kv_cache_mib, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len)
-        )
+        # The launcher names the model and the role itself.
+        return tuple(pool_engine_args(config, pool, "worker", include_model=False))
 
     decode_pool = pools.colocated or pools.decode
     return dict(

@@ -178,16 +178,24 @@ def _describe(err: object) -> str:
     return f"{where}: {msg}" if where else msg
 
 
-def pool_engine_args(config: ClusterConfig, pool: Pool, role: str) -> list[str]:
+def pool_engine_args(
+    config: ClusterConfig, pool: Pool, role: str, include_model: bool = True
+) -> list[str]:
     """A worker's command-line options for one pool (the same options on Ray
     replicas, local processes and Kubernetes pods)."""
     e = pool.engine
     args = ["--kv-cache-mib", str(e.kv_cache_mib), "--max-num-seqs", str(e.max_num_seqs)]
-    args += ["--max-num-batched-tokens", str(e.max_num_batched_tokens), "--dtype", e.dtype]
-    args += ["--threads", str(e.threads), "--drain-timeout", str(pool.drain_timeout_s)]
+    args += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+    # Only when the file sets them: `splitserve serve --dtype/--threads` apply otherwise.
+    if "dtype" in e.model_fields_set:
+        args += ["--dtype", e.dtype]
+    if "threads" in e.model_fields_set:
+        args += ["--threads", str(e.threads)]
+    args += ["--drain-timeout", str(pool.drain_timeout_s)]
+    args += ["--price-per-hour", str(pool.price_per_replica_hour)]
     if e.max_model_len is not None:
         args += ["--max-model-len", str(e.max_model_len)]
-    if config.model_path is not None:
+    if include_model and config.model_path is not None:
         args += ["--model", config.model_path]
     if role == "colocated":
         args.append("--colocated")

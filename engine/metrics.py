@@ -7,9 +7,23 @@ thread-safe), never inside the forward pass.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from engine.async_engine import EngineSnapshot, StepInfo
+
+
+class ReplicaCost:
+    """Dollars a replica has cost: price per replica-hour times uptime."""
+
+    def __init__(self, price_per_hour: float = 0.0) -> None:
+        self.price_per_hour = price_per_hour
+        self.started = time.monotonic()
+
+    def dollars(self) -> float:
+        return self.price_per_hour * (time.monotonic() - self.started) / 3600.0
+
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -67,6 +81,42 @@ class EngineMetrics:
             registry=registry,
         ).labels(role)
         self._preemptions_seen = 0
+        self._produced: Counter | None = None
+        self.cost = ReplicaCost()
+        Gauge(
+            "splitserve_cost_dollars",
+            "What this replica has cost since it started: its price per hour times its uptime.",
+            labels,
+            registry=registry,
+        ).labels(role).set_function(self.cost.dollars)
+        Gauge(
+            "splitserve_tokens_per_dollar",
+            "Tokens this replica produced per dollar it cost, since it started (decode and "
+            "colocated: output tokens; prefill: prompt tokens). 0 when no price is set.",
+            labels,
+            registry=registry,
+        ).labels(role).set_function(self._tokens_per_dollar)
+
+    def count_produced(self, counter: Counter) -> None:
+        """What this role produces (a counter labelled by role): output tokens
+        for decode and colocated, prompt tokens for prefill."""
+        self._produced = counter
+
+    def tokens_produced(self) -> int:
+        """The produced counter's value for this role. Read from the counter
+        alone: collecting the whole registry here would call the
+        tokens-per-dollar gauge, which calls this."""
+        if self._produced is None:
+            return 0
+        for family in self._produced.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("role") == self.role:
+                    return int(sample.value)
+        return 0
+
+    def _tokens_per_dollar(self) -> float:
+        dollars = self.cost.dollars()
+        return self.tokens_produced() / dollars if dollars > 0 else 0.0
 
     def observe_step(self, step: StepInfo) -> None:
         self.step_seconds.observe(step.duration_s)

@@ -45,6 +45,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds to wait for requests in flight to finish (new ones are "
         "refused so the router sends them elsewhere) before exiting",
     )
+    p.add_argument(
+        "--price-per-hour",
+        type=float,
+        default=0.0,
+        help="what this worker costs per hour (USD), for the tokens-per-dollar metrics",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     add_engine_args(p)
 
@@ -80,6 +86,9 @@ def load_engine(args: argparse.Namespace, metrics: EngineMetrics) -> AsyncEngine
     """The engine the options describe, on its own thread (not started yet),
     feeding the per-step metrics. Call from the running event loop."""
     engine = LLMEngine(engine_config_from_args(args))
+    if args.price_per_hour < 0:
+        raise ValueError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
+    metrics.cost.price_per_hour = args.price_per_hour
 
     def on_step(step: StepInfo) -> None:
         metrics.observe_step(step)

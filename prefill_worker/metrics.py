@@ -33,9 +33,11 @@ class PrefillMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter(
+        prompt_tokens = Counter(
             "splitserve_prompt_tokens", "Prompt tokens computed.", ["role"], registry=r
-        ).labels("prefill")
+        )
+        self.prompt_tokens = prompt_tokens.labels("prefill")
+        self.engine.count_produced(prompt_tokens)
         self.kv_bytes = Counter(
             "splitserve_kv_transfer_bytes",
             "KV payload bytes moved between workers.",

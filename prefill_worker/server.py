@@ -217,7 +217,15 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
         if self.aengine.error is not None:  # the router then marks us unhealthy
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
-        return worker_status(self.aengine, "prefill", self.address, self.metrics_port)
+        engine_metrics = self.metrics.engine
+        return worker_status(
+            self.aengine,
+            "prefill",
+            self.address,
+            self.metrics_port,
+            cost_dollars=engine_metrics.cost.dollars(),
+            tokens_produced=engine_metrics.tokens_produced(),
+        )
 
 
 def _gap(start: float | None, end: float | None) -> float:

@@ -43,7 +43,12 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def worker_status(
-    aengine: AsyncEngine, role: str, address: str, metrics_port: int
+    aengine: AsyncEngine,
+    role: str,
+    address: str,
+    metrics_port: int,
+    cost_dollars: float = 0.0,
+    tokens_produced: int = 0,
 ) -> pb.WorkerStatus:
     """A worker's Status answer from its engine's latest snapshot."""
     snap = aengine.snapshot
@@ -68,4 +73,6 @@ def worker_status(
         num_preemptions=snap.num_preemptions,
         vocab_size=engine.model_config.vocab_size,
         max_num_seqs=engine.config.max_num_seqs,
+        cost_dollars=cost_dollars,
+        tokens_produced=tokens_produced,
     )

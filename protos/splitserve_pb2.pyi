@@ -53,7 +53,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "address", "pid", "model", "max_model_len", "block_size", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "waiting_prompt_tokens", "awaiting_kv", "held", "metrics_port", "num_steps", "mean_batch_size", "num_preemptions", "vocab_size", "max_num_seqs")
+    __slots__ = ("role", "address", "pid", "model", "max_model_len", "block_size", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "waiting_prompt_tokens", "awaiting_kv", "held", "metrics_port", "num_steps", "mean_batch_size", "num_preemptions", "vocab_size", "max_num_seqs", "cost_dollars", "tokens_produced")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class WorkerStatus(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    COST_DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PRODUCED_FIELD_NUMBER: _ClassVar[int]
     role: str
     address: str
     pid: int
@@ -92,7 +94,9 @@ class WorkerStatus(_message.Message):
     num_preemptions: int
     vocab_size: int
     max_num_seqs: int
-    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prompt_tokens: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., held: _Optional[int] = ..., metrics_port: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    cost_dollars: float
+    tokens_produced: int
+    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prompt_tokens: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., held: _Optional[int] = ..., metrics_port: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., cost_dollars: _Optional[float] = ..., tokens_produced: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_addresses")

@@ -27,9 +27,20 @@ Name (type, labels): meaning.
   worker (or answers 503 when none is left). reason: "full"
   (RESOURCE_EXHAUSTED), "unavailable" (the worker is down or shutting down),
   "aborted".
+- splitserve_pool_cost_dollars (gauge; pool): what the pool's workers the
+  router knows now have cost since each started (their price per hour times
+  their uptime, from their Status).
+- splitserve_pool_tokens_per_dollar (gauge; pool): those workers' tokens per
+  dollar: output tokens for decode and colocated, prompt tokens for prefill.
+- splitserve_cluster_tokens_per_dollar (gauge): output tokens of every decode
+  and colocated worker per dollar of every worker, prefill included: what a
+  deployment's price buys. 0 where no price is set.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -96,6 +107,63 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+
+    def track_cost(self, workers: Callable[[], Iterable[Any]]) -> None:
+        """Cost and tokens per dollar, per pool and for the cluster, computed
+        at scrape time from `workers()`' latest Status (objects with
+        `.status`: a WorkerStatus or None)."""
+
+        def by_pool() -> dict[str, tuple[float, float]]:
+            totals: dict[str, tuple[float, float]] = {}
+            for w in workers():
+                s = w.status
+                if s is None:
+                    continue
+                dollars, tokens = totals.get(s.role, (0.0, 0.0))
+                totals[s.role] = (dollars + s.cost_dollars, tokens + s.tokens_produced)
+            return totals
+
+        def per_dollar(tokens: float, dollars: float) -> float:
+            return tokens / dollars if dollars > 0 else 0.0
+
+        cost = Gauge(
+            "splitserve_pool_cost_dollars",
+            "Dollars the pool's current workers have cost since each started.",
+            ["pool"],
+            registry=self.registry,
+        )
+        tpd = Gauge(
+            "splitserve_pool_tokens_per_dollar",
+            "The pool's tokens per dollar (output tokens; prompt tokens for prefill).",
+            ["pool"],
+            registry=self.registry,
+        )
+
+        def pool_cost(pool: str) -> Callable[[], float]:
+            return lambda: by_pool().get(pool, (0.0, 0.0))[0]
+
+        def pool_tokens_per_dollar(pool: str) -> Callable[[], float]:
+            def value() -> float:
+                dollars, tokens = by_pool().get(pool, (0.0, 0.0))
+                return per_dollar(tokens, dollars)
+
+            return value
+
+        for pool in ("prefill", "decode", "colocated"):
+            cost.labels(pool).set_function(pool_cost(pool))
+            tpd.labels(pool).set_function(pool_tokens_per_dollar(pool))
+
+        def cluster() -> float:
+            totals = by_pool()
+            dollars = sum(d for d, _ in totals.values())
+            output = sum(t for role, (_, t) in totals.items() if role != "prefill")
+            return per_dollar(output, dollars)
+
+        Gauge(
+            "splitserve_cluster_tokens_per_dollar",
+            "Output tokens per dollar of every worker, prefill included.",
+            registry=self.registry,
+        ).set_function(cluster)
 
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

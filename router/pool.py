@@ -102,6 +102,8 @@ class Worker:
             "mean_batch_size": s.mean_batch_size if s else None,
             "num_preemptions": s.num_preemptions if s else None,
             "max_model_len": s.max_model_len if s else None,
+            "cost_dollars": round(s.cost_dollars, 6) if s else None,
+            "tokens_produced": s.tokens_produced if s else None,
             "router_in_flight": self.in_flight,
             "last_error": self.last_error,
             "last_seen_s_ago": round(now - self.last_seen, 3) if self.last_seen else None,

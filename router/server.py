@@ -101,6 +101,7 @@ def build_app(config: RouterConfig) -> FastAPI:
         discover=config.discover,
         policy=config.policy,
     )
+    metrics.track_cost(lambda: pool.workers)
     gen = Generation(served, pool, metrics, config.max_body_bytes)
     started = int(time.time())
 

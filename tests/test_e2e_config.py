@@ -19,8 +19,16 @@ def test_serve_from_a_config_file(tiny_llama, tmp_path):
         "model": str(tiny_llama),
         "router": {"port": port, "api_key": "s3cret"},
         "pools": {
-            "prefill": {"replicas": 1, "engine": {"kv_cache_mib": 2}},
-            "decode": {"replicas": 1, "engine": {"kv_cache_mib": 3, "max_num_seqs": 8}},
+            "prefill": {
+                "replicas": 1,
+                "engine": {"kv_cache_mib": 2},
+                "price_per_replica_hour": 3600.0,  # a dollar a second: visible at once
+            },
+            "decode": {
+                "replicas": 1,
+                "engine": {"kv_cache_mib": 3, "max_num_seqs": 8},
+                "price_per_replica_hour": 7200.0,
+            },
         },
     }
     path = tmp_path / "cluster.yaml"
@@ -39,5 +47,34 @@ def test_serve_from_a_config_file(tiny_llama, tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 5
         assert_all_blocks_free(c.wait_idle())
+        assert_tokens_per_dollar(c)
     finally:
         assert c.stop() == []
+
+
+def _gauge(text: str, name: str, labels: str = "") -> float:
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(prefix)]
+    return float(line.split()[-1])
+
+
+def assert_tokens_per_dollar(c: ServeCluster) -> None:
+    """Each worker's cost is its price times its uptime; the router turns the
+    workers' reports into tokens per dollar per pool and for the cluster."""
+    workers = {w["role"]: w for w in c.cluster()["workers"]}
+    router = httpx.get(f"{c.url}/metrics", timeout=10).text
+    d, p = workers["decode"], workers["prefill"]
+    assert d["tokens_produced"] == 5 and p["tokens_produced"] > 0
+    # A dollar a second (prefill), two (decode), for the seconds each has run.
+    assert 0 < p["cost_dollars"] < d["cost_dollars"]
+    cluster = _gauge(router, "splitserve_cluster_tokens_per_dollar")
+    expected = d["tokens_produced"] / (d["cost_dollars"] + p["cost_dollars"])
+    # The router's scrape reads a Status polled a moment apart from ours.
+    assert cluster == pytest.approx(expected, rel=0.3), (cluster, expected)
+    pool = _gauge(router, "splitserve_pool_tokens_per_dollar", 'pool="prefill"')
+    assert pool == pytest.approx(p["tokens_produced"] / p["cost_dollars"], rel=0.3)
+    assert _gauge(router, "splitserve_pool_cost_dollars", 'pool="colocated"') == 0.0
+    # And each worker exports its own.
+    metrics = httpx.get(f"http://127.0.0.1:{d['metrics_port']}/metrics", timeout=10).text
+    assert _gauge(metrics, "splitserve_cost_dollars", 'role="decode"') > 0
+    assert _gauge(metrics, "splitserve_tokens_per_dollar", 'role="decode"') > 0
