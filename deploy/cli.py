@@ -193,6 +193,21 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", help="write the summaries and per-request records here")
     bn.add_argument("--plot-dir", help="write PNG plots here (latency CDFs, goodput vs rate)")
 
+    doc = sub.add_parser(
+        "doctor",
+        help="diagnose a running cluster: batch vs KV room, prefill and decode p95, queues, $",
+        description="Read a splitserve router's /cluster and /metrics and every worker's "
+        "/metrics twice, --interval apart, and report per pool the running batch (mean over "
+        "the window) against what the KV cache could hold, queue depth and queued prompt "
+        "tokens, KV pressure, prefill and decode p95 side by side, tokens per dollar, and a "
+        "diagnosis with a concrete suggestion. Run it while the cluster is under load.",
+    )
+    doc.add_argument("--url", required=True, help="the router's base URL (http://host:port)")
+    doc.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between the two readings (default 5)"
+    )
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+
     gen = sub.add_parser(
         "generate",
         help="generate offline from one or more prompts",
@@ -436,6 +451,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if all(r["summary"]["completed"] for r in runs) else 1
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from deploy.doctor import examine, format_report
+
+    report = examine(args.url, args.interval)
+    if args.json:
+        report["pools"] = [dataclasses.asdict(p) for p in report["pools"]]
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -469,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "check-config": _check_config,
         "bench": _bench,
+        "doctor": _doctor,
         "up": _up,
         "down": _down,
     }

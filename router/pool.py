@@ -102,6 +102,7 @@ class Worker:
             "mean_batch_size": s.mean_batch_size if s else None,
             "num_preemptions": s.num_preemptions if s else None,
             "max_model_len": s.max_model_len if s else None,
+            "max_num_seqs": s.max_num_seqs if s else None,
             "cost_dollars": round(s.cost_dollars, 6) if s else None,
             "tokens_produced": s.tokens_produced if s else None,
             "router_in_flight": self.in_flight,
