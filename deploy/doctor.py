@@ -71,7 +71,7 @@ def snapshot(client: httpx.Client, url: str) -> Snapshot:
         raise DoctorError(f"{base}/cluster is not a splitserve router's answer") from None
     snap = Snapshot(time.monotonic(), workers, parse_metrics(_get(client, f"{base}/metrics").text))
     for w in workers:
-        if not w.get("healthy") or not w.get("metrics_port"):
+        if not w.get("metrics_port"):
             continue
         host = w["address"].rpartition(":")[0]
         try:
@@ -179,10 +179,16 @@ class PoolReport:
 
 def _pools(before: Snapshot, after: Snapshot) -> list[PoolReport]:
     reports = []
-    roles = sorted({w["role"] for w in after.workers if w.get("healthy")})
+
+    # Every worker that ever answered a poll: one that is unhealthy now (too
+    # busy to answer in time, say) still tells the story with its last answer.
+    def known(w: dict[str, Any], role: str) -> bool:
+        return bool(w["role"] == role and w.get("kv_blocks_total") is not None)
+
+    roles = sorted({w["role"] for w in after.workers if w.get("kv_blocks_total") is not None})
     for role in roles:
-        ws = [w for w in after.workers if w["role"] == role and w.get("healthy")]
-        ws0 = [w for w in before.workers if w["role"] == role and w.get("healthy")]
+        ws = [w for w in after.workers if known(w, role)]
+        ws0 = [w for w in before.workers if known(w, role)]
         total = sum(w["kv_blocks_total"] or 0 for w in ws)
         free = sum(w["kv_blocks_free"] or 0 for w in ws)
         running = sum(w["running"] or 0 for w in ws)
@@ -216,10 +222,19 @@ def _pools(before: Snapshot, after: Snapshot) -> list[PoolReport]:
     return reports
 
 
-def diagnose(pools: list[PoolReport], latency: dict[str, float | None]) -> list[str]:
+def diagnose(
+    pools: list[PoolReport],
+    latency: dict[str, float | None],
+    workers: list[dict[str, Any]] | None = None,
+) -> list[str]:
     """Concrete suggestions, most pressing first; one line saying so when
     nothing stands out."""
-    out = []
+    out = [
+        f"{w['role']} worker {w['address']} is unhealthy ({w.get('last_error') or 'no answer'}): "
+        "the router sends it nothing; if it stays so, replace it"
+        for w in workers or []
+        if not w.get("healthy")
+    ]
     for p in pools:
         if p.role not in DECODE_ROLES:
             continue
@@ -320,7 +335,7 @@ def examine(url: str, interval_s: float = 5.0, timeout_s: float = 10.0) -> dict[
         "output_tokens_per_s": (gen1 - gen0) / (after.time - before.time),
         "cluster_tokens_per_dollar": _sum(after.router, "splitserve_cluster_tokens_per_dollar")
         or None,
-        "diagnosis": diagnose(pools, latency),
+        "diagnosis": diagnose(pools, latency, after.workers),
     }
 
 

@@ -51,7 +51,7 @@ log = logging.getLogger("splitserve.ray")
 APP_NAME = "splitserve"
 # Seconds without a heartbeat after which the Directory forgets a worker
 # (one that crashed cannot say goodbye).
-DIRECTORY_TTL_S = 10.0
+DIRECTORY_TTL_S = 30.0
 HEARTBEAT_S = 2.0
 # How often replicas push their load to Serve's autoscaler; Serve's default
 # (10 s) makes a scale-up take over 12 s (ENVIRONMENT.md).
@@ -112,7 +112,7 @@ class _WorkerReplica(abc.ABC):
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             with contextlib.suppress(Exception):  # the Directory restarting: try again
-                await asyncio.wait_for(
+                await _wait_uncancelled(
                     self.directory.register.remote(self.role, self.address), HEARTBEAT_S
                 )
 
@@ -137,7 +137,7 @@ class _WorkerReplica(abc.ABC):
         # Bounded: on `serve.delete` the Directory may already be gone, and a
         # handle call would wait for it forever.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.directory.deregister.remote(self.address), 1.0)
+            await _wait_uncancelled(self.directory.deregister.remote(self.address), 1.0)
         # Requests the router sent before its next poll still arrive; they
         # are refused from here on and retried elsewhere.
         await asyncio.sleep(1.0)
@@ -236,15 +236,33 @@ class DecodeReplica(_WorkerReplica):
             handle = self.prefill_handle.options(stream=True, _by_reference=True)
 
             async def call(wire: bytes) -> AsyncIterator[Any]:
+                # The Ray stream is read to its end by a task of its own,
+                # whatever the caller does: a caller that gives up (timeout,
+                # client gone) only stops reading the queue. Cancelling the
+                # call, or an await on it, while a result is being fetched
+                # from the object store crashes the process in Ray 2.60
+                # (ObjectUnknownOwner); the price is that an abandoned
+                # prompt is still computed, and its KV dropped.
+                items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
                 answer: Any = handle.prefill.remote(wire)
-                complete = False
-                try:
-                    async for item in answer:
-                        yield item
-                    complete = True
-                finally:
-                    if not complete:  # the caller gave up: stop the prefill
-                        answer.cancel()
+
+                async def pump() -> None:
+                    try:
+                        async for item in answer:
+                            items.put_nowait(("item", item))
+                    except Exception as e:  # the prefill replica's error, for the caller
+                        items.put_nowait(("error", e))
+                    items.put_nowait(("end", None))
+
+                _keep_running(pump())
+                while True:
+                    kind, value = await items.get()
+                    if kind == "item":
+                        yield value
+                    elif kind == "error":
+                        raise value
+                    else:
+                        return
 
             transport = ObjectStorePrefill(call)
         servicer = DecodeServicer(
@@ -276,7 +294,7 @@ class RouterIngress:
         self.pools = pools  # held only so the pools belong to this application
 
     async def _discover(self) -> tuple[list[str], list[str]]:
-        workers = await asyncio.wait_for(self.directory.workers.remote(), 2.0)
+        workers = await _wait_uncancelled(self.directory.workers.remote(), 2.0)
         decode = sorted(a for a, role in workers.items() if role in ("decode", "colocated"))
         prefill = sorted(a for a, role in workers.items() if role == "prefill")
         return decode, prefill
@@ -298,6 +316,33 @@ class RouterIngress:
                 discover=self._discover,
             )
         )
+
+
+# Tasks left to finish on their own (a reference keeps them from being collected).
+_running: set[asyncio.Task[Any]] = set()
+
+
+def _keep_running(coro: Any) -> asyncio.Task[Any]:
+    task = asyncio.ensure_future(coro)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return task
+
+
+async def _wait_uncancelled(awaitable: Any, timeout_s: float) -> Any:
+    """Await a handle call for at most `timeout_s` (TimeoutError after it)
+    without ever cancelling it: a timed-out call finishes in the background.
+    Cancelling a Ray call whose result is being fetched from the object
+    store crashes the process (see DecodeReplica's `call`)."""
+    task = _keep_running(_awaited(awaitable))
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        raise TimeoutError(f"no answer within {timeout_s:g}s")
+    return task.result()
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _max_model_len(config: ClusterConfig) -> int | None:

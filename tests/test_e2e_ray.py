@@ -88,10 +88,11 @@ class RayUp:
         cmd = [sys.executable, "-m", "deploy.cli", "up", "--config", str(self.config_path)]
         cmd += ["--state-file", str(self.state_file)]
         cmd += ["--address", address] if address else ["--num-cpus", "2"]
-        # Ray keeps values under 100 KiB out of the object store; the tiny
-        # model's KV is smaller than that, so lower the bar to make every KV
-        # payload take the path a real model's does.
-        env = {**os.environ, "RAY_max_direct_call_object_size": "1024"}
+        # Ray keeps values under 100 KiB out of the object store, and the
+        # tiny model's KV is smaller than that: lower the bar to 32 KiB so the
+        # burst's KV (~77 KiB per layer) takes the path a real model's does,
+        # while Ray's and Serve's own small messages stay as they are.
+        env = {**os.environ, "RAY_max_direct_call_object_size": str(32 << 10)}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.pids: set[int] = set()
         deadline = time.monotonic() + 300
