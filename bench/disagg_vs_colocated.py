@@ -28,6 +28,7 @@ import math
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     slo: dict[str, float] = {}
     for name, serve_args in CONFIGS.items():
         print(f"== {name}", flush=True)
-        with cluster(args.model, serve_args, args.threads, out / f"{name}.log") as url:
+        log = Path(tempfile.gettempdir()) / f"splitserve-{name.replace(' ', '_')}.log"
+        with cluster(args.model, serve_args, args.threads, log) as url:
             if not slo:  # measured once, on the colocated baseline
                 base = unloaded_tpot(url)
                 slo = {"tpot": 2 * base}
