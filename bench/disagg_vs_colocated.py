@@ -22,65 +22,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench import loadgen
+from bench.serving import cluster  # a `splitserve serve` cluster, ready when it yields
+from engine.builtin_model import ensure_default_model
 
 # The colocated baseline first: the unloaded TPOT (hence the SLO) is measured on it.
 CONFIGS = {
     "2 colocated": ["--colocated", "2"],
     "1P+1D": ["--prefill", "1", "--decode", "1"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def cluster(model: str | None, args: list[str], threads: int, log: Path) -> Iterator[str]:
-    """A `splitserve serve` cluster on 127.0.0.1; yields its URL."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "deploy.cli", "serve", "--port", str(port)]
-    cmd += ["--threads", str(threads), "--kv-cache-mib", "512", *args]
-    if model:
-        cmd += ["--model", model]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"serve exited; see {log}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster not healthy; see {log}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def unloaded_tpot(url: str) -> float:
@@ -124,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/disagg_vs_colocated", help="results and plots here")
     args = p.parse_args(argv)
     rates = loadgen.parse_rates(args.rates)
+    model = args.model or str(ensure_default_model())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = loadgen.make_dataset(
@@ -139,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, serve_args in CONFIGS.items():
         print(f"== {name}", flush=True)
         log = Path(tempfile.gettempdir()) / f"splitserve-{name.replace(' ', '_')}.log"
-        with cluster(args.model, serve_args, args.threads, log) as url:
+        with cluster(model, [*serve_args, "--threads", str(args.threads)], log, 512) as url:
             if not slo:  # measured once, on the colocated baseline
                 base = unloaded_tpot(url)
                 slo = {"tpot": 2 * base}
