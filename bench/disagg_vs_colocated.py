@@ -3,25 +3,36 @@ colocated workers, on the same machine and the same cores, under the
 interference mix (mostly short chat turns, some long prompts), over a sweep
 of request rates.
 
-Each configuration is a real `splitserve serve` cluster; each worker gets
---threads torch threads, so both configurations use the same cores. The
-load comes from `splitserve bench`'s generator (bench/loadgen.py): Poisson
-arrivals at each rate, the same requests for both configurations. The TPOT
-limit is twice the unloaded TPOT (one short request alone on the colocated
-cluster); goodput counts requests within it (and within the TTFT limit, if
-given). Reported per configuration and rate: TTFT p99, TPOT p99, goodput, and
-SLO attainment; then the highest rate each sustains with >= 90% of requests
-within the SLO (DistServe's per-resource goodput), interpolated between the
-rates swept.
+Each configuration is a real `splitserve serve` cluster, and all of them run
+at once, idle but for the one under load: every (repeat, rate) is sent to
+each configuration in turn, so drift in a shared machine's speed lands on
+all of them alike. Each worker gets --threads torch threads, so every
+configuration uses the same cores. The load comes from `splitserve bench`'s
+generator (bench/loadgen.py): Poisson arrivals at each rate, the same
+requests for every configuration.
 
-    python bench/disagg_vs_colocated.py                       # the default sweep
-    python bench/disagg_vs_colocated.py --rates 1,2,4,6 --num-prompts 60 --out docs/disagg
+The TPOT limit is a multiple (--slo-scales; the headline is 2) of the
+unloaded TPOT, measured as one short request alone on the colocated
+cluster; a request is good when it meets it (and --ttft-slo, and
+--gap-slo on its longest gap between tokens, if given).
+Reported per configuration and rate: TTFT and TPOT p99, goodput, SLO
+attainment, and how busy each pool's cores were; then, per SLO scale, the
+highest rate each configuration sustains with >= 90% of requests good
+(DistServe's per-resource goodput), interpolated between the rates swept.
+Every request's figures are kept in results.json, so other SLOs can be
+judged later without rerunning (--reanalyze).
+
+    python bench/disagg_vs_colocated.py                  # the README's sweep, ~20 minutes
+    python bench/disagg_vs_colocated.py --long-fraction 0.3 --out docs/disagg_vs_colocated/heavy
+    python bench/disagg_vs_colocated.py --configs colocated,disagg --rates 2,4,8 --repeats 1
+    python bench/disagg_vs_colocated.py --reanalyze docs/disagg_vs_colocated/results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -29,31 +40,111 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench import loadgen
 from bench.serving import cluster  # a `splitserve serve` cluster, ready when it yields
+from deploy.doctor import snapshot, window_cores_busy
 from engine.builtin_model import ensure_default_model
 
-# The colocated baseline first: the unloaded TPOT (hence the SLO) is measured on it.
-CONFIGS = {
-    "2 colocated": ["--colocated", "2"],
-    "1P+1D": ["--prefill", "1", "--decode", "1"],
-}
+TARGET_ATTAINMENT = 0.9
+HEADLINE_SCALE = 2.0  # the issue's SLO: twice the unloaded TPOT
 
 
-def unloaded_tpot(url: str) -> float:
-    """TPOT of one short chat-sized request alone (median of 5)."""
-    spec = loadgen.make_dataset("random", 1, seed=99, input_len=128, output_len=64)
+def configurations(chunk_tokens: int) -> dict[str, tuple[str, list[str]]]:
+    """id -> (name in tables, `splitserve serve` arguments)."""
+    return {
+        "colocated": ("2 colocated", ["--colocated", "2"]),
+        "disagg": ("1P+1D", ["--prefill", "1", "--decode", "1"]),
+        # Sarathi-style: the colocated engine's other answer to interference,
+        # a small per-step token budget, so a long prompt is cut into chunks
+        # that ride along with the decodes instead of stalling them.
+        "colocated-chunked": (
+            f"2 colocated, {chunk_tokens}-token steps",
+            ["--colocated", "2", "--max-num-batched-tokens", str(chunk_tokens)],
+        ),
+    }
+
+
+def unloaded_tpot(url: str, trials: int = 9) -> float:
+    """TPOT of one chat-sized request alone (the median of `trials`: a
+    shared machine's speed wanders, and the SLO rests on this figure)."""
+    spec = loadgen.make_dataset("random", 1, seed=99, input_len=128, output_len=128)
     tpots = []
-    for _ in range(5):
+    for _ in range(trials):
         _, results = asyncio.run(loadgen.run_load(url, spec, math.inf, progress=False))
         tpot = results[0].tpot
         if tpot is None:
             raise RuntimeError(f"the unloaded request failed: {results[0].error}")
         tpots.append(tpot)
-    return sorted(tpots)[2]
+    return sorted(tpots)[trials // 2]
 
 
-def max_sustained_rate(points: list[tuple[float, float]], target: float = 0.9) -> float:
+REQUEST_FIELDS = ("prompt_tokens", "output_tokens", "ok", "ttft", "tpot", "max_itl")
+
+
+def record(r: loadgen.RequestResult) -> dict[str, Any]:
+    """One request's figures (seconds to 0.1 ms)."""
+
+    def s(x: float | None) -> float | None:
+        return None if x is None else round(x, 4)
+
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "output_tokens": r.output_tokens,
+        "ok": r.ok,
+        "ttft": s(r.ttft),
+        "tpot": s(r.tpot),
+        "max_itl": s(max(r.itls, default=None)),
+    }
+
+
+def pack(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json's form: each request as a row of REQUEST_FIELDS (a
+    third of the size of a dict per request)."""
+    out = {**results, "request_fields": list(REQUEST_FIELDS), "configs": {}}
+    for cid, c in results["configs"].items():
+        runs = [
+            {**run, "requests": [[rec[f] for f in REQUEST_FIELDS] for rec in run["requests"]]}
+            for run in c["runs"]
+        ]
+        out["configs"][cid] = {**c, "runs": runs}
+    return out
+
+
+def unpack(results: dict[str, Any]) -> dict[str, Any]:
+    fields = results.pop("request_fields", None)
+    if fields:
+        for c in results["configs"].values():
+            for run in c["runs"]:
+                run["requests"] = [dict(zip(fields, row, strict=True)) for row in run["requests"]]
+    return results
+
+
+def is_good(
+    rec: dict[str, Any],
+    tpot_limit: float,
+    ttft_limit: float | None = None,
+    gap_limit: float | None = None,
+) -> bool:
+    """Within every limit; the same rule as loadgen.meets (a request with one
+    output token has no TPOT or gap, and cannot break those limits)."""
+    if not rec["ok"]:
+        return False
+    if rec["tpot"] is not None and rec["tpot"] > tpot_limit:
+        return False
+    if gap_limit is not None and rec["max_itl"] is not None and rec["max_itl"] > gap_limit:
+        return False
+    return ttft_limit is None or rec["ttft"] <= ttft_limit
+
+
+def _fixed_limits(results: dict[str, Any]) -> tuple[float | None, float | None]:
+    return results.get("ttft_slo_s"), results.get("gap_slo_s")
+
+
+def max_sustained_rate(
+    points: list[tuple[float, float]], target: float = TARGET_ATTAINMENT
+) -> float:
     """The highest rate with attainment >= target, interpolated linearly
     between the swept rates; 0 if even the lowest misses it."""
     best = 0.0
@@ -69,116 +160,307 @@ def max_sustained_rate(points: list[tuple[float, float]], target: float = 0.9) -
     return best
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (default: the built-in model)")
-    p.add_argument("--rates", default="1,2,3,4,6", help="request rates to sweep (req/s)")
-    p.add_argument("--num-prompts", type=int, default=60, help="requests per rate")
-    p.add_argument("--long-fraction", type=float, default=0.1)
-    p.add_argument("--long-len", type=int, default=1536, help="long prompt tokens")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--ttft-slo", type=float, help="also require TTFT under this (seconds)")
-    p.add_argument("--out", default="docs/disagg_vs_colocated", help="results and plots here")
-    args = p.parse_args(argv)
-    rates = loadgen.parse_rates(args.rates)
+def analyze(results: dict[str, Any]) -> dict[str, Any]:
+    """Attainment per rate and the sustained rate per SLO scale, for every
+    configuration; and the disaggregated/colocated ratio per scale."""
+    base = results["unloaded_tpot_s"]
+    ttft_limit, gap_limit = _fixed_limits(results)
+    out: dict[str, Any] = {}
+    for cid, c in results["configs"].items():
+        per_scale = {}
+        for scale in results["slo_scales"]:
+            points = []
+            for run in c["runs"]:
+                recs = run["requests"]
+                good = sum(is_good(r, scale * base, ttft_limit, gap_limit) for r in recs)
+                points.append((run["request_rate"], good / len(recs)))
+            per_scale[str(scale)] = {
+                "attainment": points,
+                "max_rate_90": max_sustained_rate(points),
+            }
+        out[cid] = per_scale
+    ratios = {}
+    if "disagg" in out and "colocated" in out:
+        for scale in results["slo_scales"]:
+            col = out["colocated"][str(scale)]["max_rate_90"]
+            dis = out["disagg"][str(scale)]["max_rate_90"]
+            ratios[str(scale)] = dis / col if col > 0 else None
+    return {"per_config": out, "disagg_over_colocated": ratios}
+
+
+def _cores_busy(client: httpx.Client, url: str, before: Any) -> dict[str, float]:
+    after = snapshot(client, url)
+    roles = sorted({w["role"] for w in after.workers})
+    busy = {role: window_cores_busy(before, after, role) for role in roles}
+    return {role: round(v, 3) for role, v in busy.items() if v is not None}
+
+
+def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or str(ensure_default_model())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    chosen = configurations(args.chunk_tokens)
+    ids = [c.strip() for c in args.configs.split(",")]
+    for cid in ids:
+        if cid not in chosen:
+            raise SystemExit(f"unknown configuration {cid!r}; choose from {', '.join(chosen)}")
+    rates = loadgen.parse_rates(args.rates)
     specs = loadgen.make_dataset(
         "interference",
         args.num_prompts,
-        seed=0,
+        seed=args.seed,
         long_fraction=args.long_fraction,
         long_len=args.long_len,
     )
-
-    results: dict[str, Any] = {"rates": rates, "configs": {}}
-    slo: dict[str, float] = {}
-    for name, serve_args in CONFIGS.items():
-        print(f"== {name}", flush=True)
-        log = Path(tempfile.gettempdir()) / f"splitserve-{name.replace(' ', '_')}.log"
-        with cluster(model, [*serve_args, "--threads", str(args.threads)], log, 512) as url:
-            if not slo:  # measured once, on the colocated baseline
-                base = unloaded_tpot(url)
-                slo = {"tpot": 2 * base}
-                if args.ttft_slo:
-                    slo["ttft"] = args.ttft_slo
-                results["unloaded_tpot_s"] = base
-                results["slo"] = slo
-                print(f"   unloaded TPOT {base * 1e3:.1f} ms -> SLO TPOT {2 * base * 1e3:.1f} ms")
-            runs = []
+    results: dict[str, Any] = {
+        "mix": {
+            "dataset": "interference",
+            "num_prompts": args.num_prompts,
+            "long_fraction": args.long_fraction,
+            "long_len": args.long_len,
+            "seed": args.seed,
+        },
+        "rates": rates,
+        "repeats": args.repeats,
+        "threads_per_worker": args.threads,
+        "slo_scales": [float(s) for s in args.slo_scales.split(",")],
+        "ttft_slo_s": args.ttft_slo,
+        "gap_slo_s": args.gap_slo,
+        "configs": {
+            cid: {"name": chosen[cid][0], "serve_args": chosen[cid][1], "runs": []} for cid in ids
+        },
+    }
+    with contextlib.ExitStack() as stack, httpx.Client(timeout=10) as client:
+        urls = {}
+        for cid in ids:
+            log = Path(tempfile.gettempdir()) / f"splitserve-bench-{cid}.log"
+            serve_args = [*chosen[cid][1], "--threads", str(args.threads)]
+            urls[cid] = stack.enter_context(cluster(model, serve_args, log, 512))
+            print(f"== {chosen[cid][0]}: {urls[cid]} (log {log})", flush=True)
+        # Each configuration's, for the record; the SLO rests on the colocated one.
+        unloaded = {cid: unloaded_tpot(url) for cid, url in urls.items()}
+        base = unloaded["colocated" if "colocated" in unloaded else ids[0]]
+        results["unloaded_tpot_s"] = base
+        results["unloaded_tpot_by_config_s"] = unloaded
+        print(
+            "   unloaded TPOT: "
+            + ", ".join(f"{chosen[c][0]} {t * 1e3:.1f} ms" for c, t in unloaded.items())
+        )
+        print(
+            f"   unloaded TPOT {base * 1e3:.1f} ms -> "
+            f"headline SLO {HEADLINE_SCALE * base * 1e3:.1f} ms"
+        )
+        runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
+        busy: dict[tuple[str, float], list[dict[str, float]]] = {}
+        durations: dict[tuple[str, float], float] = {}
+        for rep in range(args.repeats):
             for rate in rates:
-                duration, res = asyncio.run(
-                    loadgen.run_load(url, specs, rate, seed=1, progress=sys.stderr.isatty())
-                )
-                s = loadgen.summarize(duration, res, slo, rate)
-                s["attainment"] = s["good_requests"] / len(res)
-                runs.append(s)
-                print(
-                    f"   {rate:g} req/s: goodput {s['goodput']:.2f} req/s, "
-                    f"attainment {s['attainment']:.0%}, "
-                    f"TTFT p99 {(s['ttft_s']['p99'] or 0) * 1e3:.0f} ms, "
-                    f"TPOT p99 {(s['tpot_s']['p99'] or 0) * 1e3:.1f} ms, failed {s['failed']}",
-                    flush=True,
-                )
-            results["configs"][name] = {
-                "runs": runs,
-                "max_rate_90": max_sustained_rate(
-                    [(r["request_rate"], r["attainment"]) for r in runs]
-                ),
-            }
-    results["slo_measured_on"] = next(iter(CONFIGS))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    _plot(results, out)
-    print()
-    print(_table(results))
-    return 0
-
-
-def _table(results: dict[str, Any]) -> str:
-    lines = [
-        "| configuration | rate (req/s) | goodput (req/s) | SLO attainment | TTFT p99 | TPOT p99 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, c in results["configs"].items():
-        for r in c["runs"]:
-            ttft = (r["ttft_s"]["p99"] or 0) * 1e3
-            tpot = (r["tpot_s"]["p99"] or 0) * 1e3
-            lines.append(
-                f"| {name} | {r['request_rate']:g} | {r['goodput']:.2f} | {r['attainment']:.0%} "
-                f"| {ttft:.0f} ms | {tpot:.1f} ms |"
+                for cid in ids:
+                    before = snapshot(client, urls[cid])
+                    duration, res = asyncio.run(
+                        loadgen.run_load(
+                            urls[cid],
+                            specs,
+                            rate,
+                            seed=1000 * args.seed + 1 + rep,
+                            progress=sys.stderr.isatty(),
+                        )
+                    )
+                    busy.setdefault((cid, rate), []).append(_cores_busy(client, urls[cid], before))
+                    runs.setdefault((cid, rate), []).extend(record(r) for r in res)
+                    durations[(cid, rate)] = durations.get((cid, rate), 0.0) + duration
+                    s = loadgen.summarize(duration, res, {"tpot": HEADLINE_SCALE * base}, rate)
+                    print(
+                        f"   [{rep + 1}/{args.repeats}] {chosen[cid][0]} @ {rate:g} req/s: "
+                        f"within SLO {s['good_requests'] / len(res):.0%}, "
+                        f"TTFT p99 {(s['ttft_s']['p99'] or 0) * 1e3:.0f} ms, "
+                        f"TPOT p99 {(s['tpot_s']['p99'] or 0) * 1e3:.1f} ms, "
+                        f"cores busy {busy[(cid, rate)][-1]}, failed {s['failed']}",
+                        flush=True,
+                    )
+    for cid in ids:
+        for rate in rates:
+            recs = runs[(cid, rate)]
+            results["configs"][cid]["runs"].append(
+                {
+                    "request_rate": rate,
+                    "duration_s": durations[(cid, rate)],
+                    "requests": recs,
+                    "cores_busy": {
+                        role: sum(b.get(role, 0.0) for b in busy[(cid, rate)]) / args.repeats
+                        for role in busy[(cid, rate)][0]
+                    },
+                }
             )
-    lines.append("")
-    for name, c in results["configs"].items():
-        lines.append(f"{name}: highest rate with >= 90% within SLO: {c['max_rate_90']:.2f} req/s")
+    return results
+
+
+def _p(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_figures(run: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """One run's figures at the headline SLO."""
+    limit = HEADLINE_SCALE * results["unloaded_tpot_s"]
+    recs = run["requests"]
+    ok = [r for r in recs if r["ok"]]
+    good = sum(is_good(r, limit, *_fixed_limits(results)) for r in recs)
+    return {
+        "goodput": good / run["duration_s"],
+        "attainment": good / len(recs),
+        "ttft_p99": _p([r["ttft"] for r in ok], 0.99),
+        "tpot_p50": _p([r["tpot"] for r in ok if r["tpot"] is not None], 0.5),
+        "tpot_p99": _p([r["tpot"] for r in ok if r["tpot"] is not None], 0.99),
+        "itl_max_p99": _p([r["max_itl"] for r in ok if r["max_itl"] is not None], 0.99),
+        "failed": len(recs) - len(ok),
+    }
+
+
+def table(results: dict[str, Any], analysis: dict[str, Any]) -> str:
+    base = results["unloaded_tpot_s"]
+    limit = HEADLINE_SCALE * base
+    lines = [
+        f"TPOT SLO {limit * 1e3:.1f} ms ({HEADLINE_SCALE:g}x the unloaded {base * 1e3:.1f} ms)"
+        + (f", TTFT SLO {results['ttft_slo_s']:g} s" if results.get("ttft_slo_s") else "")
+        + (f", every gap under {results['gap_slo_s']:g} s" if results.get("gap_slo_s") else ""),
+        "",
+        "| configuration | rate (req/s) | goodput (req/s) | within SLO | TTFT p99 | TPOT p50 | "
+        "TPOT p99 | worst gap p99 | cores busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for c in results["configs"].values():
+        for run in c["runs"]:
+            f = run_figures(run, results)
+            cores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(run["cores_busy"].items()))
+            lines.append(
+                f"| {c['name']} | {run['request_rate']:g} | {f['goodput']:.2f} | "
+                f"{f['attainment']:.0%} | {(f['ttft_p99'] or 0) * 1e3:.0f} ms | "
+                f"{(f['tpot_p50'] or 0) * 1e3:.1f} ms | {(f['tpot_p99'] or 0) * 1e3:.1f} ms | "
+                f"{(f['itl_max_p99'] or 0) * 1e3:.0f} ms | {cores} |"
+            )
+    scales = results["slo_scales"]
+    lines += [
+        "",
+        "Highest rate with >= 90% of requests within the SLO (req/s), per TPOT SLO scale:",
+        "",
+        "| configuration | "
+        + " | ".join(f"{s:g}x ({s * base * 1e3:.0f} ms)" for s in scales)
+        + " |",
+        "| --- |" + " ---: |" * len(scales),
+    ]
+    for cid, c in results["configs"].items():
+        per = analysis["per_config"][cid]
+        lines.append(
+            f"| {c['name']} | "
+            + " | ".join(f"{per[str(s)]['max_rate_90']:.2f}" for s in scales)
+            + " |"
+        )
+    ratios = analysis["disagg_over_colocated"]
+    if ratios:
+        lines.append(
+            "| 1P+1D / 2 colocated | "
+            + " | ".join(f"{r:.2f}x" if r is not None else "-" for r in ratios.values())
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def _plot(results: dict[str, Any], out: Path) -> None:
+def plot(results: dict[str, Any], analysis: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, c in results["configs"].items():
+    base = results["unloaded_tpot_s"]
+    limit = HEADLINE_SCALE * base
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for c in results["configs"].values():
         rates = [r["request_rate"] for r in c["runs"]]
-        axes[0].plot(rates, [r["goodput"] for r in c["runs"]], marker="o", label=name)
-        axes[1].plot(
-            rates, [(r["ttft_s"]["p99"] or 0) * 1e3 for r in c["runs"]], marker="o", label=name
-        )
-        axes[2].plot(
-            rates, [(r["tpot_s"]["p99"] or 0) * 1e3 for r in c["runs"]], marker="o", label=name
-        )
-    axes[2].axhline(results["slo"]["tpot"] * 1e3, color="red", linestyle="--", label="TPOT SLO")
-    for ax, label in zip(axes, ("goodput (req/s)", "TTFT p99 (ms)", "TPOT p99 (ms)"), strict=True):
+        figs = [run_figures(r, results) for r in c["runs"]]
+        axes[0].plot(rates, [f["attainment"] * 100 for f in figs], marker="o", label=c["name"])
+        axes[1].plot(rates, [f["goodput"] for f in figs], marker="o", label=c["name"])
+        axes[2].plot(rates, [(f["ttft_p99"] or 0) * 1e3 for f in figs], marker="o", label=c["name"])
+        axes[3].plot(rates, [(f["tpot_p99"] or 0) * 1e3 for f in figs], marker="o", label=c["name"])
+    axes[0].axhline(TARGET_ATTAINMENT * 100, color="gray", linestyle=":", label="90%")
+    axes[3].axhline(limit * 1e3, color="red", linestyle="--", label="TPOT SLO")
+    labels = (
+        f"within SLO (%), TPOT <= {limit * 1e3:.0f} ms",
+        "goodput (req/s)",
+        "TTFT p99 (ms)",
+        "TPOT p99 (ms)",
+    )
+    for ax, label in zip(axes, labels, strict=True):
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=110)
+    fig.savefig(out / "sweep.png", dpi=80)
     plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    scales = results["slo_scales"]
+    for cid, c in results["configs"].items():
+        per = analysis["per_config"][cid]
+        ax.plot(scales, [per[str(s)]["max_rate_90"] for s in scales], marker="o", label=c["name"])
+    ax.set_xlabel("TPOT SLO, as a multiple of the unloaded TPOT")
+    ax.set_ylabel("highest rate with >= 90% within SLO (req/s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "slo_scale.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", help="model directory (default: the built-in model)")
+    p.add_argument(
+        "--configs",
+        default="colocated,disagg,colocated-chunked",
+        help="which, in order: colocated (2 colocated workers), disagg (1 prefill + 1 decode), "
+        "colocated-chunked (2 colocated, --chunk-tokens per step)",
+    )
+    p.add_argument("--chunk-tokens", type=int, default=256, help="colocated-chunked's step budget")
+    p.add_argument("--rates", default="3,4,5,6,7,8,9", help="request rates to sweep (req/s)")
+    p.add_argument("--num-prompts", type=int, default=120, help="requests per rate and repeat")
+    p.add_argument("--repeats", type=int, default=2, help="sweeps, interleaved")
+    p.add_argument("--long-fraction", type=float, default=0.1, help="share of long prompts")
+    p.add_argument("--long-len", type=int, default=1536, help="long prompt tokens")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--seed", type=int, default=0, help="of the requests and their arrivals")
+    p.add_argument("--slo-scales", default="1.25,1.5,2,3,4", help="TPOT SLOs, x unloaded TPOT")
+    p.add_argument("--ttft-slo", type=float, help="also require TTFT under this (seconds)")
+    p.add_argument("--gap-slo", type=float,
+                   help="also require every gap between tokens under this (seconds)")  # fmt: skip
+    p.add_argument("--out", default="docs/disagg_vs_colocated", help="results and plots here")
+    p.add_argument("--reanalyze", metavar="RESULTS_JSON",
+                   help="no load: redo the tables and plots of a saved run (with these "
+                   "--slo-scales, --ttft-slo and --gap-slo) into --out")  # fmt: skip
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.reanalyze:
+        results = unpack(json.loads(Path(args.reanalyze).read_text()))
+        results["slo_scales"] = [float(s) for s in args.slo_scales.split(",")]
+        results["ttft_slo_s"] = args.ttft_slo
+        results["gap_slo_s"] = args.gap_slo
+    else:
+        results = run_experiment(args)
+    analysis = analyze(results)
+    results["analysis"] = analysis
+    (out / "results.json").write_text(json.dumps(pack(results), separators=(",", ":")))
+    plot(results, analysis, out)
+    report = table(results, analysis)
+    (out / "table.md").write_text(report + "\n")
+    print()
+    print(report)
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Arrivals: all at once (rate inf), or a Poisson process at --request-rate
 (--burstiness 1), burstier below 1 (gamma-distributed gaps, as vLLM).
 Datasets: random (given input and output lengths), seed (~128-token prompts,
 output lengths drawn from {32, 40, 50, 64, 80, 96, 200, 512}), interference
-(mostly short chat turns, some 2k-token prompts). Prompts are token ids,
-which OpenAI's completions API accepts, so lengths are exact on any server.
+(mostly short chat turns, some long prompts: 1536 tokens by default).
+Prompts are token ids, which OpenAI's completions API accepts, so lengths
+are exact on any server.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def make_dataset(
     input_len: int = 128,
     output_len: int = 128,
     long_fraction: float = 0.1,
-    long_len: int = 2048,
+    long_len: int = 1536,
     token_range: tuple[int, int] = (100, 1000),
 ) -> list[RequestSpec]:
     """The requests of one run, the same for the same arguments."""
@@ -250,7 +251,9 @@ async def run_load(
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(None, connect=10.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        model = model or await _served_model(client, base, headers)
+        card = await _model_card(client, base, headers, model)
+        model = model or str(card["id"])
+        check_context(specs, card.get("max_model_len"))
         url = f"{base}/v1/completions"
         times = arrival_times(len(specs), rate, burstiness, seed)
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -278,17 +281,39 @@ async def run_load(
         return time.perf_counter() - start, list(results)
 
 
-async def _served_model(client: httpx.AsyncClient, base: str, headers: dict[str, str]) -> str:
+async def _model_card(
+    client: httpx.AsyncClient, base: str, headers: dict[str, str], model: str | None
+) -> dict[str, Any]:
+    """The served model's card from /v1/models (vLLM's and ours carry
+    max_model_len). Without `model` it names the model, so it must answer;
+    with one, a server without the endpoint is benchmarked all the same."""
     try:
         r = await client.get(f"{base}/v1/models", headers=headers)
     except httpx.HTTPError as e:
         raise BenchError(f"cannot reach {base}: {type(e).__name__}: {e}") from None
+    data = (r.json().get("data") or []) if r.status_code == 200 else []
+    if model is not None:
+        return next((c for c in data if c.get("id") == model), {"id": model})
     if r.status_code != 200:
         raise BenchError(f"{base}/v1/models answered HTTP {r.status_code}: {r.text[:200]}")
-    data = r.json().get("data") or []
     if not data:
         raise BenchError(f"{base}/v1/models lists no model; pass --model")
-    return str(data[0]["id"])
+    return dict(data[0])
+
+
+def check_context(specs: Sequence[RequestSpec], max_model_len: int | None) -> None:
+    """Refuse, before the first request, a workload whose requests the server
+    would turn away for their length."""
+    if not max_model_len:
+        return
+    over = [s for s in specs if len(s.prompt) + s.max_tokens > max_model_len]
+    if over:
+        worst = max(over, key=lambda s: len(s.prompt) + s.max_tokens)
+        raise BenchError(
+            f"{len(over)} of {len(specs)} requests exceed the server's context length "
+            f"{max_model_len} (the longest: {len(worst.prompt)} prompt + {worst.max_tokens} "
+            "output tokens); lower --input-len, --output-len or --long-len"
+        )
 
 
 def _progress_bar(total: int, rate: float) -> Any:

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--config",
         help="a per-pool scaling config (YAML, see deploy/examples/): pool sizes, engine "
-        "limits per pool, the router's address and API key come from it",
+        "limits per pool, the router's address and API key come from it (--host and --port "
+        "override its address; pool and engine flags are refused beside it)",
     )
     sv.add_argument("--model", help="local Hugging Face model directory")
     sv.add_argument(
@@ -58,21 +59,24 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SPLITSERVE_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/ (default: $SPLITSERVE_API_KEY)",
     )
-    sv.add_argument("--host", default="127.0.0.1", help="router address (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
-    sv.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers")
-    sv.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers")
+    # Defaults of the flags a config also sets are applied in _serve, so that
+    # a flag given beside --config can be told from one left out.
+    sv.add_argument("--host", help="router address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="router port (default 8000)")
+    sv.add_argument("--prefill", type=int, metavar="N", help="prefill workers (default 1)")
+    sv.add_argument("--decode", type=int, metavar="M", help="decode workers (default 1)")
     sv.add_argument(
         "--colocated",
         type=int,
-        default=0,
         metavar="K",
         help="run K colocated workers (prefill and decode in one engine) instead",
     )
     sv.add_argument("--served-model-name", help="the model name clients send (default: dir name)")
-    sv.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per worker (MiB)")
-    sv.add_argument("--max-num-seqs", type=int, default=64)
-    sv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    sv.add_argument("--kv-cache-mib", type=int, help="KV cache per worker (MiB, default 512)")
+    sv.add_argument("--max-num-seqs", type=int, help="running-batch cap (default 64)")
+    sv.add_argument(
+        "--max-num-batched-tokens", type=int, help="token budget of one step (default 2048)"
+    )
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--block-size", type=int, default=16)
     sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -164,7 +168,13 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument(
         "--long-fraction", type=float, default=0.1, help="interference: share of long prompts"
     )
-    bn.add_argument("--long-len", type=int, default=2048, help="interference: long prompt tokens")
+    bn.add_argument(
+        "--long-len",
+        type=int,
+        default=1536,
+        help="interference: long prompt tokens (default 1536: with its output, it fits the "
+        "built-in model's 2048-token context)",
+    )
     bn.add_argument(
         "--request-rate",
         default="inf",
@@ -197,14 +207,30 @@ def _parser() -> argparse.ArgumentParser:
         "doctor",
         help="diagnose a running cluster: batch vs KV room, prefill and decode p95, queues, $",
         description="Read a splitserve router's /cluster and /metrics and every worker's "
-        "/metrics twice, --interval apart, and report per pool the running batch (mean over "
+        "/metrics twice, --interval apart (or every --interval for --watch seconds, keeping "
+        "the busiest window: the peak), and report per pool the running batch (mean over "
         "the window) against what the KV cache could hold, queue depth and queued prompt "
-        "tokens, KV pressure, prefill and decode p95 side by side, tokens per dollar, and a "
-        "diagnosis with a concrete suggestion. Run it while the cluster is under load.",
+        "tokens, KV pressure, CPU cores busy, prefill and decode p95 side by side, tokens "
+        "per dollar, and a diagnosis with a concrete suggestion. Run it while the cluster "
+        "is under load.",
     )
     doc.add_argument("--url", required=True, help="the router's base URL (http://host:port)")
     doc.add_argument(
-        "--interval", type=float, default=5.0, help="seconds between the two readings (default 5)"
+        "--interval", type=float, default=5.0, help="seconds between readings (default 5)"
+    )
+    doc.add_argument(
+        "--watch",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep reading for this long and report on the window with the most output "
+        "tokens per second (default: one window)",
+    )
+    doc.add_argument(
+        "--slo",
+        metavar="ttft=S,tpot=S",
+        help="the latencies promised to users (seconds, or ms): the diagnosis says what to "
+        "add when p95 is over them (e.g. tpot=50ms)",
     )
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -296,15 +322,18 @@ def _serve(args: argparse.Namespace) -> int:
         spec_kwargs = _spec_from_config(args)
     else:
         engine = _engine_args(
-            args.kv_cache_mib, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len
+            _or(args.kv_cache_mib, 512),
+            _or(args.max_num_seqs, 64),
+            _or(args.max_num_batched_tokens, 2048),
+            args.max_model_len,
         )
         spec_kwargs = dict(
             model=args.model,
-            prefill=args.prefill,
-            decode=args.decode,
-            colocated=args.colocated,
-            host=args.host,
-            port=args.port,
+            prefill=_or(args.prefill, 1),
+            decode=_or(args.decode, 1),
+            colocated=_or(args.colocated, 0),
+            host=_or(args.host, "127.0.0.1"),
+            port=_or(args.port, 8000),
             prefill_args=tuple(engine),
             decode_args=tuple(engine),
             api_key=args.api_key,
@@ -321,10 +350,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+# Flags of `serve` that a config sets per pool: given beside --config, one
+# would silently lose to the other.
+CONFIG_OWNED_FLAGS = {
+    "prefill": "pools.prefill.replicas",
+    "decode": "pools.decode.replicas",
+    "colocated": "pools.colocated.replicas",
+    "kv_cache_mib": "pools.<pool>.engine.kv_cache_mib",
+    "max_num_seqs": "pools.<pool>.engine.max_num_seqs",
+    "max_num_batched_tokens": "pools.<pool>.engine.max_num_batched_tokens",
+    "max_model_len": "pools.<pool>.engine.max_model_len",
+}
+
+
 def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
-    """ClusterSpec fields from a scaling config (pools, per-pool engine limits, router)."""
+    """ClusterSpec fields from a scaling config (pools, per-pool engine limits,
+    router); --host and --port override the router's address."""
     from deploy.config import ConfigError, load_config, pool_engine_args
 
+    for dest, where in CONFIG_OWNED_FLAGS.items():
+        if getattr(args, dest) is not None:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} cannot be given with --config: set {where} in the config")
     config = load_config(args.config)
     if config.kv_transport != "grpc":
         raise ConfigError(
@@ -343,8 +394,8 @@ def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
         prefill=pools.prefill.replicas if pools.prefill and not pools.colocated else 0,
         decode=pools.decode.replicas if pools.decode and not pools.colocated else 0,
         colocated=pools.colocated.replicas if pools.colocated else 0,
-        host=config.router.host,
-        port=config.router.port,
+        host=_or(args.host, config.router.host),
+        port=_or(args.port, config.router.port),
         prefill_args=engine_of(pools.prefill) if pools.prefill else (),
         decode_args=engine_of(decode_pool),
         api_key=args.api_key or config.router.resolved_api_key,
@@ -455,9 +506,13 @@ def _doctor(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
+    from bench.loadgen import parse_slo
     from deploy.doctor import examine, format_report
 
-    report = examine(args.url, args.interval)
+    slo = parse_slo(args.slo)
+    report = examine(
+        args.url, args.interval, watch_s=args.watch, progress=sys.stderr.isatty(), slo=slo
+    )
     if args.json:
         report["pools"] = [dataclasses.asdict(p) for p in report["pools"]]
         print(json.dumps(report, indent=1))

@@ -2,16 +2,19 @@
 cluster, read from its router and workers, and what to do about it.
 
 It reads the router's /cluster (every worker, with its metrics port) and
-/metrics, and every worker's /metrics, twice, --interval apart; rates and
-percentiles are over that window, so run it while the cluster is under the
-load you care about. It reports per pool: replicas, running batch (mean over
-the window) against what the KV cache could hold, queue depth, queued prompt
-tokens, KV pressure; prefill and decode latencies side by side (p95);
+/metrics, and every worker's /metrics, twice, --interval apart; or, with
+--watch, every --interval for that long, and reports on the busiest window
+(the most output tokens per second: the peak). Rates and percentiles are
+over that window, so run it while the cluster is under the load you care
+about. It reports per pool: replicas, running batch (mean over the window)
+against what the KV cache could hold, queue depth, queued prompt tokens, KV
+pressure, CPU cores busy; prefill and decode latencies side by side (p95);
 tokens per dollar; and a diagnosis with a concrete suggestion.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -94,11 +97,15 @@ def _sum(samples: Samples, name: str, **labels: str) -> float:
     )
 
 
-def _role_sum(snap: Snapshot, role: str, name: str, **labels: str) -> float:
+def _role_sum(snap: Snapshot, role: str, name: str) -> float:
+    """`name` summed over the workers of `role`; a sample without a role
+    label (process_cpu_seconds_total, say) is its worker's."""
     return sum(
-        _sum(m, name, role=role, **labels)
+        v
         for address, m in snap.worker_metrics.items()
         if _role_of(snap, address) == role
+        for lab, v in m.get(name, [])
+        if lab.get("role", role) == role
     )
 
 
@@ -150,6 +157,28 @@ def window_quantile(
     return prev_le
 
 
+def window_cores_busy(before: Snapshot, after: Snapshot, role: str) -> float | None:
+    """CPU cores the pool's processes kept busy over the window (CPU seconds
+    per second, summed over replicas); None when none reports it."""
+    if not any(
+        "process_cpu_seconds_total" in after.worker_metrics.get(w["address"], {})
+        for w in after.workers
+        if w["role"] == role
+    ):
+        return None
+    # Only workers read at both ends: one that joined or left mid-window
+    # would count its whole life.
+    both = set(before.worker_metrics) & set(after.worker_metrics)
+    cpu = [
+        _sum(after.worker_metrics[a], "process_cpu_seconds_total")
+        - _sum(before.worker_metrics[a], "process_cpu_seconds_total")
+        for a in both
+        if _role_of(after, a) == role
+    ]
+    span = after.time - before.time
+    return sum(cpu) / span if span > 0 else None
+
+
 def window_mean(before: Snapshot, after: Snapshot, role: str, name: str) -> float | None:
     n = _role_sum(after, role, f"{name}_count") - _role_sum(before, role, f"{name}_count")
     total = _role_sum(after, role, f"{name}_sum") - _role_sum(before, role, f"{name}_sum")
@@ -175,6 +204,7 @@ class PoolReport:
     preemptions: float  # over the window
     tokens_per_dollar: float | None
     max_num_seqs: int  # the running-batch cap, summed over replicas
+    cores_busy: float | None  # CPU seconds per second over the window, all replicas
 
 
 def _pools(before: Snapshot, after: Snapshot) -> list[PoolReport]:
@@ -217,18 +247,61 @@ def _pools(before: Snapshot, after: Snapshot) -> list[PoolReport]:
                 - _role_sum(before, role, "splitserve_preemptions_total"),
                 tokens_per_dollar=tpd or None,
                 max_num_seqs=sum(w.get("max_num_seqs") or 0 for w in ws),
+                cores_busy=window_cores_busy(before, after, role),
             )
         )
     return reports
+
+
+def _slo_misses(
+    pools: list[PoolReport], latency: dict[str, float | None], slo: dict[str, float]
+) -> tuple[list[str], bool, bool]:
+    """Suggestions for latencies over the user's SLO; and whether TPOT and
+    TTFT are over it (over TPOT, a bigger batch is no remedy: every step
+    would slow)."""
+    out = []
+    tpot = latency.get("router_tpot_p95") or latency.get("decode_tpot_p95")
+    tpot_over = "tpot" in slo and tpot is not None and tpot > slo["tpot"]
+    if tpot_over:
+        assert tpot is not None
+        for p in pools:
+            if p.role not in DECODE_ROLES:
+                continue
+            batch = f"{p.mean_batch:.1f}" if p.mean_batch is not None else "-"
+            out.append(
+                f"TPOT p95 {tpot * 1e3:.0f} ms is over the SLO's {slo['tpot'] * 1e3:.0f} ms "
+                f"with the {p.role} batch averaging {batch}: each step is too slow for the "
+                f"SLO: add {p.role} replicas (raising max_num_seqs would slow every step "
+                "further)"
+            )
+    ttft = latency.get("router_ttft_p95")
+    ttft_over = "ttft" in slo and ttft is not None and ttft > slo["ttft"]
+    if ttft_over:
+        assert ttft is not None
+        queue, compute = latency.get("prefill_queue_p95"), latency.get("prefill_compute_p95")
+        where = "prefill" if any(p.role == "prefill" for p in pools) else "colocated"
+        head = f"TTFT p95 {ttft * 1e3:.0f} ms is over the SLO's {slo['ttft'] * 1e3:.0f} ms"
+        if compute is not None and compute > slo["ttft"]:
+            out.append(
+                f"{head}, and a prompt's own compute takes {compute * 1e3:.0f} ms (p95): more "
+                "replicas will not help; shorter prompts or a faster accelerator will"
+            )
+        else:
+            parts = f" (prefill queue p95 {queue * 1e3:.0f} ms)" if queue is not None else ""
+            out.append(f"{head}{parts}: prompts wait for a free engine: add {where} replicas")
+    return out, tpot_over, ttft_over
 
 
 def diagnose(
     pools: list[PoolReport],
     latency: dict[str, float | None],
     workers: list[dict[str, Any]] | None = None,
+    slo: dict[str, float] | None = None,
 ) -> list[str]:
     """Concrete suggestions, most pressing first; one line saying so when
-    nothing stands out."""
+    nothing stands out. `slo` ({"ttft": s, "tpot": s}) adds the latencies
+    the user promised to the rules."""
+    slo_lines, tpot_over, ttft_over = _slo_misses(pools, latency, slo or {})
     out = [
         f"{w['role']} worker {w['address']} is unhealthy ({w.get('last_error') or 'no answer'}): "
         "the router sends it nothing; if it stays so, replace it"
@@ -253,9 +326,12 @@ def diagnose(
                 f"{p.role} pool saturated on KV ({why}): add {p.role} replicas "
                 "(or give each more KV memory)"
             )
+    out += slo_lines
     capped_roles = set()
     for p in pools:
         capped = p.max_num_seqs and p.running >= p.max_num_seqs
+        if tpot_over:  # a bigger batch would break the SLO further; said above
+            continue
         if p.role in DECODE_ROLES and capped and p.waiting > 0 and p.kv_usage < KV_SATURATED:
             capped_roles.add(p.role)
             out.append(
@@ -270,7 +346,13 @@ def diagnose(
                 f"over the window, {p.queued_prompt_tokens} now): add prefill replicas"
             )
     queue, compute = latency.get("prefill_queue_p95"), latency.get("prefill_compute_p95")
-    if queue is not None and compute is not None and queue > 2 * compute and queue > 0.05:
+    if (
+        not ttft_over
+        and queue is not None
+        and compute is not None
+        and queue > 2 * compute
+        and queue > 0.05
+    ):
         out.append(
             f"prompts wait longer than they compute (prefill queue p95 {queue * 1e3:.0f} ms, "
             f"compute p95 {compute * 1e3:.0f} ms): add prefill replicas"
@@ -296,14 +378,49 @@ def diagnose(
     return out
 
 
-def examine(url: str, interval_s: float = 5.0, timeout_s: float = 10.0) -> dict[str, Any]:
-    """Read the cluster twice, `interval_s` apart; the report as a dict."""
+def _output_rate(before: Snapshot, after: Snapshot) -> float:
+    gen0 = _sum(before.router, "splitserve_router_generation_tokens_total")
+    gen1 = _sum(after.router, "splitserve_router_generation_tokens_total")
+    span = after.time - before.time
+    return (gen1 - gen0) / span if span > 0 else 0.0
+
+
+def examine(
+    url: str,
+    interval_s: float = 5.0,
+    timeout_s: float = 10.0,
+    watch_s: float = 0.0,
+    progress: bool = False,
+    slo: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Read the cluster every `interval_s`: twice, or for `watch_s` seconds;
+    the report on the busiest window (the most output tokens per second:
+    the peak) as a dict. `slo`: {"ttft": s, "tpot": s}, either or both."""
+    unknown = set(slo or {}) - {"ttft", "tpot"}
+    if unknown:
+        raise DoctorError(f"--slo takes ttft and tpot only, not {', '.join(sorted(unknown))}")
     if not interval_s > 0:
         raise DoctorError(f"--interval must be > 0, got {interval_s}")
+    if watch_s < 0:
+        raise DoctorError(f"--watch must be >= 0, got {watch_s}")
+    windows = max(1, math.ceil(watch_s / interval_s)) if watch_s else 1
+    bar = None
+    if progress and windows > 1:
+        from tqdm import tqdm
+
+        bar = tqdm(total=windows, desc="reading the cluster", unit="window", leave=False)
     with httpx.Client(timeout=timeout_s) as client:
-        before = snapshot(client, url)
-        time.sleep(interval_s)
-        after = snapshot(client, url)
+        snaps = [snapshot(client, url)]
+        for _ in range(windows):
+            time.sleep(interval_s)
+            snaps.append(snapshot(client, url))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    rates = [_output_rate(a, b) for a, b in itertools.pairwise(snaps)]
+    peak = max(range(windows), key=lambda i: rates[i])
+    before, after = snaps[peak], snaps[peak + 1]
     if not after.workers:
         raise DoctorError(f"{url} knows no workers")
     latency = {
@@ -325,35 +442,44 @@ def examine(url: str, interval_s: float = 5.0, timeout_s: float = 10.0) -> dict[
         ),
     }
     pools = _pools(before, after)
-    gen0 = _sum(before.router, "splitserve_router_generation_tokens_total")
-    gen1 = _sum(after.router, "splitserve_router_generation_tokens_total")
     return {
         "url": url,
         "window_s": after.time - before.time,
+        "windows": windows,
+        "peak_window": peak,  # 0-based, of `windows`
+        "window_output_tokens_per_s": rates,
         "pools": pools,
         "latency": latency,
-        "output_tokens_per_s": (gen1 - gen0) / (after.time - before.time),
+        "output_tokens_per_s": rates[peak],
         "cluster_tokens_per_dollar": _sum(after.router, "splitserve_cluster_tokens_per_dollar")
         or None,
-        "diagnosis": diagnose(pools, latency, after.workers),
+        "slo": slo or {},
+        "diagnosis": diagnose(pools, latency, after.workers, slo),
     }
 
 
 def format_report(r: dict[str, Any]) -> str:
     pools: list[PoolReport] = r["pools"]
+    head = f"splitserve doctor: {r['url']}, over {r['window_s']:.1f} s"
+    if r["windows"] > 1:
+        lo, hi = min(r["window_output_tokens_per_s"]), max(r["window_output_tokens_per_s"])
+        head += (
+            f" (the peak: window {r['peak_window'] + 1} of {r['windows']}, "
+            f"which ranged {lo:.0f}-{hi:.0f} output tok/s)"
+        )
     lines = [
-        f"splitserve doctor: {r['url']}, over {r['window_s']:.1f} s; "
-        f"{r['output_tokens_per_s']:.1f} output tok/s",
+        f"{head}; {r['output_tokens_per_s']:.1f} output tok/s",
         "",
         f"{'pool':<10}{'replicas':>9}{'running':>9}{'waiting':>9}{'queued tok':>12}"
-        f"{'KV used':>9}{'batch':>8}{'KV fits':>9}",
+        f"{'KV used':>9}{'batch':>8}{'KV fits':>9}{'cores':>7}",
     ]
     for p in pools:
         batch = f"{p.mean_batch:.1f}" if p.mean_batch is not None else "-"
         fits = f"~{p.fits_sequences}" if p.fits_sequences is not None else "-"
+        cores = f"{p.cores_busy:.2f}" if p.cores_busy is not None else "-"
         lines.append(
             f"{p.role:<10}{p.replicas:>9}{p.running:>9}{p.waiting:>9}{p.queued_prompt_tokens:>12}"
-            f"{p.kv_usage:>9.0%}{batch:>8}{fits:>9}"
+            f"{p.kv_usage:>9.0%}{batch:>8}{fits:>9}{cores:>7}"
         )
 
     def ms(key: str) -> str:
@@ -366,6 +492,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"   |   decode: TPOT {ms('decode_tpot_p95')}"
         f"   |   client: TTFT {ms('router_ttft_p95')}, TPOT {ms('router_tpot_p95')}",
     ]
+    if r.get("slo"):
+        lines.append(
+            "SLO: "
+            + ", ".join(f"{k.upper()} {v * 1e3:.0f} ms" for k, v in sorted(r["slo"].items()))
+        )
     tpd = [f"{p.role} {p.tokens_per_dollar:,.0f}" for p in pools if p.tokens_per_dollar is not None]
     cluster = r["cluster_tokens_per_dollar"]
     if cluster is not None or tpd:

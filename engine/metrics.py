@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from engine.async_engine import EngineSnapshot, StepInfo
 
@@ -33,6 +33,9 @@ class EngineMetrics:
     def __init__(self, registry: CollectorRegistry, role: str) -> None:
         labels = ["role"]
         self.role = role
+        # process_cpu_seconds_total and friends: on a CPU deployment, how busy
+        # each pool's cores are (the doctor and the side-by-side bench read it).
+        ProcessCollector(registry=registry)
         self.step_seconds = Histogram(
             "splitserve_engine_step_seconds",
             "Duration of one engine iteration (schedule, forward, sample).",

@@ -132,6 +132,15 @@ def test_bench_against_a_live_cluster(tiny_llama, tmp_path):
         strict = _bench(*common, "--slo", "ttft=1ms", "--json", str(out_json))
         assert strict.returncode == 0, strict.stderr
         assert json.loads(out_json.read_text())["runs"][0]["summary"]["goodput"] == 0.0
+
+        # Requests longer than the model's context are refused before any is sent.
+        too_long = _bench("--url", c.url, "--input-len", "1000", "--output-len", "100")
+        assert too_long.returncode == 2 and "Traceback" not in too_long.stderr
+        assert too_long.stderr.strip().splitlines()[-1] == (
+            "splitserve bench: error: 100 of 100 requests exceed the server's context length "
+            "1024 (the longest: 1000 prompt + 100 output tokens); lower --input-len, "
+            "--output-len or --long-len"
+        )
     finally:
         assert c.stop() == []
 

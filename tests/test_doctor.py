@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from deploy.doctor import Snapshot, parse_metrics, window_quantile
+from deploy.doctor import PoolReport, Snapshot, diagnose, parse_metrics, window_quantile
 from tests.cluster import ServeCluster
 
 HIST = """# TYPE splitserve_router_ttft_seconds histogram
@@ -37,6 +37,45 @@ def test_window_quantiles_interpolate_like_prometheus():
         pytest.approx(0.3)
     )
     assert window_quantile(after, after, None, "splitserve_router_ttft_seconds", 0.5) is None
+
+
+def _pool(role: str, **figures: float) -> PoolReport:
+    base = dict(
+        replicas=1, running=0, waiting=0, queued_prompt_tokens=0, queued_prompt_tokens_change=0,
+        kv_usage=0.1, kv_blocks_total=1000, mean_batch=None, fits_sequences=None,
+        rejected_full=0, preemptions=0, tokens_per_dollar=None, max_num_seqs=64, cores_busy=None,
+    )  # fmt: skip
+    return PoolReport(role=role, **{**base, **figures})  # type: ignore[arg-type]
+
+
+def test_an_slo_miss_names_the_pool_to_grow():
+    # A decode batch at its cap, KV roomy, and requests waiting: without an
+    # SLO the remedy is a bigger batch; with TPOT already over it, it is not.
+    decode = _pool("decode", running=64, waiting=10, mean_batch=60.0, kv_usage=0.3)
+    prefill = _pool("prefill")
+    latency = {
+        "router_tpot_p95": 0.08,
+        "router_ttft_p95": 2.0,
+        "prefill_queue_p95": 1.5,
+        "prefill_compute_p95": 0.3,
+    }
+    assert any("raise max_num_seqs" in d for d in diagnose([decode, prefill], latency))
+    d = diagnose([decode, prefill], latency, slo={"tpot": 0.05, "ttft": 1.0})
+    assert any(
+        "TPOT p95 80 ms is over the SLO's 50 ms" in x and "add decode replicas" in x for x in d
+    )
+    assert not any("raise max_num_seqs" in x for x in d)
+    assert [x for x in d if "add prefill replicas" in x] == [
+        "TTFT p95 2000 ms is over the SLO's 1000 ms (prefill queue p95 1500 ms): prompts wait "
+        "for a free engine: add prefill replicas"
+    ]
+    # A prompt whose own compute is over the SLO: more replicas will not help.
+    slow = {**latency, "prefill_queue_p95": 0.0, "prefill_compute_p95": 1.2}
+    d = diagnose([decode, prefill], slow, slo={"ttft": 1.0})
+    assert any("more replicas will not help" in x for x in d)
+    # Within the SLO, nothing is said about it.
+    d = diagnose([decode, prefill], latency, slo={"tpot": 0.1, "ttft": 3.0})
+    assert not any("SLO" in x for x in d)
 
 
 def _load(url: str, n: int, output_len: int) -> subprocess.Popen[bytes]:
@@ -75,10 +114,16 @@ def test_doctor_finds_a_batch_held_down_by_its_cap(tiny_llama, tmp_path):
         out = _under_load(c, 24, 800)
         assert "prefill: queue" in out and "decode: TPOT" in out  # measured apart
         assert "raise max_num_seqs" in out, out
-        report = json.loads(_under_load(c, 24, 800, "--json"))
+        # Watching: four 1 s windows, the report on the busiest one.
+        report = json.loads(_under_load(c, 24, 800, "--json", "--watch", "4", "--interval", "1"))
+        assert report["windows"] == 4 and len(report["window_output_tokens_per_s"]) == 4
+        assert report["output_tokens_per_s"] == max(report["window_output_tokens_per_s"]) > 0
         decode = next(p for p in report["pools"] if p["role"] == "decode")
         assert decode["running"] == decode["max_num_seqs"] == 4 and decode["waiting"] > 0
         assert any("max_num_seqs" in d for d in report["diagnosis"])
+        # The decoder's process is busy stepping; the idle prefill worker's is not.
+        prefill = next(p for p in report["pools"] if p["role"] == "prefill")
+        assert decode["cores_busy"] > 0.2 and 0 <= prefill["cores_busy"] < decode["cores_busy"]
     finally:
         assert c.stop() == []
 
@@ -101,3 +146,7 @@ def test_doctor_on_nothing_is_one_clean_line():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("splitserve doctor: error: cannot reach")
+    for bad in (["--slo", "itl=5ms"], ["--slo", "tpot=fast"], ["--watch", "-1"]):
+        proc = _doctor("http://127.0.0.1:9", *bad)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (bad, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

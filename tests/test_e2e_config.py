@@ -4,6 +4,9 @@ processes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import pytest
 import yaml
@@ -14,10 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_serve_from_a_config_file(tiny_llama, tmp_path):
-    port = free_port()
+    port, config_port = free_port(), free_port()
     config = {
         "model": str(tiny_llama),
-        "router": {"port": port, "api_key": "s3cret"},
+        # --port (ServeCluster passes it) overrides the config's router port.
+        "router": {"port": config_port, "api_key": "s3cret"},
         "pools": {
             "prefill": {
                 "replicas": 1,
@@ -78,3 +82,24 @@ def assert_tokens_per_dollar(c: ServeCluster) -> None:
     metrics = httpx.get(f"http://127.0.0.1:{d['metrics_port']}/metrics", timeout=10).text
     assert _gauge(metrics, "splitserve_cost_dollars", 'role="decode"') > 0
     assert _gauge(metrics, "splitserve_tokens_per_dollar", 'role="decode"') > 0
+
+
+def test_serve_refuses_pool_flags_beside_a_config(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"pools": {"colocated": {"replicas": 1}}}))
+    cmd = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "serve",
+        "--config",
+        str(path),
+        "--kv-cache-mib",
+        "8",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "splitserve serve: error: --kv-cache-mib cannot be given with --config: "
+        "set pools.<pool>.engine.kv_cache_mib in the config"
+    )
