@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import ProcessCollector
 
 from deploy.config import UTILISATION_WORDS
 
@@ -129,7 +130,9 @@ def _exported() -> Exported:
         # A labelled metric with no child yet exports no sample, so its label
         # names are only on the collector (prometheus_client keeps them private).
         for collector in registry._collector_to_names:
-            labelnames = getattr(collector, "_labelnames", None)
+            # The standard process metrics (process_cpu_seconds_total, ...) carry no labels.
+            unlabelled = isinstance(collector, ProcessCollector)
+            labelnames = () if unlabelled else getattr(collector, "_labelnames", None)
             assert labelnames is not None, f"{collector!r}: prometheus_client changed"
             for family in collector.collect():
                 assert family.type in SUFFIXES, f"{family.name}: unexpected {family.type}"
