@@ -446,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.reanalyze:
-        results = unpack(json.loads(Path(args.reanalyze).read_text()))
+        try:
+            results = unpack(json.loads(Path(args.reanalyze).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"cannot read {args.reanalyze}: {type(e).__name__}: {e}") from None
         results["slo_scales"] = [float(s) for s in args.slo_scales.split(",")]
         results["ttft_slo_s"] = args.ttft_slo
         results["gap_slo_s"] = args.gap_slo
