@@ -293,28 +293,22 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _p(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def run_figures(run: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """One run's figures at the headline SLO."""
     limit = HEADLINE_SCALE * results["unloaded_tpot_s"]
     recs = run["requests"]
     ok = [r for r in recs if r["ok"]]
     good = sum(is_good(r, limit, *_fixed_limits(results)) for r in recs)
+    ttft = loadgen.latency_stats([r["ttft"] for r in ok])
+    tpot = loadgen.latency_stats([r["tpot"] for r in ok if r["tpot"] is not None])
+    worst_gap = loadgen.latency_stats([r["max_itl"] for r in ok if r["max_itl"] is not None])
     return {
         "goodput": good / run["duration_s"],
         "attainment": good / len(recs),
-        "ttft_p99": _p([r["ttft"] for r in ok], 0.99),
-        "tpot_p50": _p([r["tpot"] for r in ok if r["tpot"] is not None], 0.5),
-        "tpot_p99": _p([r["tpot"] for r in ok if r["tpot"] is not None], 0.99),
-        "itl_max_p99": _p([r["max_itl"] for r in ok if r["max_itl"] is not None], 0.99),
+        "ttft_p99": ttft["p99"],
+        "tpot_p50": tpot["p50"],
+        "tpot_p99": tpot["p99"],
+        "itl_max_p99": worst_gap["p99"],
         "failed": len(recs) - len(ok),
     }
 

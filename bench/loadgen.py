@@ -326,7 +326,8 @@ def _progress_bar(total: int, rate: float) -> Any:
 # -- figures -------------------------------------------------------------------
 
 
-def _stats(xs: list[float]) -> dict[str, float | None]:
+def latency_stats(xs: list[float]) -> dict[str, float | None]:
+    """Mean and PERCENTILES (linear interpolation between samples); None when empty."""
     if not xs:
         return {"mean": None, **{f"p{q}": None for q in PERCENTILES}}
     xs = sorted(xs)
@@ -380,10 +381,10 @@ def summarize(
         "slo": slo,
         "good_requests": good,
         "goodput": good / duration if duration > 0 else 0.0,
-        "ttft_s": _stats([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_s": _stats([t for r in ok if (t := r.tpot) is not None]),
-        "itl_s": _stats([gap for r in ok for gap in r.itls]),
-        "e2e_s": _stats([r.e2e for r in ok if r.e2e is not None]),
+        "ttft_s": latency_stats([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_s": latency_stats([t for r in ok if (t := r.tpot) is not None]),
+        "itl_s": latency_stats([gap for r in ok for gap in r.itls]),
+        "e2e_s": latency_stats([r.e2e for r in ok if r.e2e is not None]),
     }
     if cost_dollars is not None:
         summary["cost_dollars"] = cost_dollars

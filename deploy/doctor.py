@@ -160,23 +160,16 @@ def window_quantile(
 def window_cores_busy(before: Snapshot, after: Snapshot, role: str) -> float | None:
     """CPU cores the pool's processes kept busy over the window (CPU seconds
     per second, summed over replicas); None when none reports it."""
-    if not any(
-        "process_cpu_seconds_total" in after.worker_metrics.get(w["address"], {})
-        for w in after.workers
-        if w["role"] == role
-    ):
-        return None
+    name = "process_cpu_seconds_total"
     # Only workers read at both ends: one that joined or left mid-window
     # would count its whole life.
-    both = set(before.worker_metrics) & set(after.worker_metrics)
     cpu = [
-        _sum(after.worker_metrics[a], "process_cpu_seconds_total")
-        - _sum(before.worker_metrics[a], "process_cpu_seconds_total")
-        for a in both
-        if _role_of(after, a) == role
+        _sum(after.worker_metrics[a], name) - _sum(before.worker_metrics[a], name)
+        for a in set(before.worker_metrics) & set(after.worker_metrics)
+        if _role_of(after, a) == role and name in after.worker_metrics[a]
     ]
     span = after.time - before.time
-    return sum(cpu) / span if span > 0 else None
+    return sum(cpu) / span if cpu and span > 0 else None
 
 
 def window_mean(before: Snapshot, after: Snapshot, role: str, name: str) -> float | None:
@@ -330,9 +323,14 @@ def diagnose(
     capped_roles = set()
     for p in pools:
         capped = p.max_num_seqs and p.running >= p.max_num_seqs
-        if tpot_over:  # a bigger batch would break the SLO further; said above
-            continue
-        if p.role in DECODE_ROLES and capped and p.waiting > 0 and p.kv_usage < KV_SATURATED:
+        # Over the TPOT SLO a bigger batch is no remedy (said above).
+        if (
+            not tpot_over
+            and p.role in DECODE_ROLES
+            and capped
+            and p.waiting > 0
+            and p.kv_usage < KV_SATURATED
+        ):
             capped_roles.add(p.role)
             out.append(
                 f"{p.role} batch is at its cap ({p.running} running = max_num_seqs) with "
