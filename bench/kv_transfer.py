@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -115,8 +116,10 @@ def bench_grpc(num_tokens: int, repeats: int, chunk_bytes: int) -> tuple[float, 
         pool[layer][1].index_copy_(0, idx, v)
 
     rx = KvReceiver(write, LAYERS, (BLOCK, KV_HEADS, HEAD_DIM), torch.bfloat16)
-    for r in range(repeats):
-        rx.expect(f"r{r}", list(range(n_blocks)), ttl_s=600)
+    # The bench server does not echo reservation generations: tag its chunks here.
+    generations = {
+        f"r{r}": rx.expect(f"r{r}", list(range(n_blocks)), ttl_s=600) for r in range(repeats)
+    }
 
     async def run() -> tuple[float, int]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
@@ -127,6 +130,7 @@ def bench_grpc(num_tokens: int, repeats: int, chunk_bytes: int) -> tuple[float, 
             async for msg in call:
                 if msg.WhichOneof("kind") == "kv":
                     chunk = chunk_from_proto(msg.kv)
+                    chunk = dataclasses.replace(chunk, reservation=generations[chunk.request_id])
                     rx.accept(chunk)
                     nbytes += chunk.nbytes
             return time.perf_counter() - start, nbytes
@@ -224,7 +228,8 @@ def bench_ttft(prompt_lens: list[int], trials: int) -> list[dict]:
     try:
         p_proc, p_addr = start_worker("prefill_worker", model, workdir, "prefill", [])
         procs.append(p_proc)
-        d_proc, d_addr = start_worker("decode_worker", model, workdir, "decode", [])
+        d_extra = ["--prefill-addresses", p_addr]  # the only prefill worker it may dial
+        d_proc, d_addr = start_worker("decode_worker", model, workdir, "decode", d_extra)
         procs.append(d_proc)
         c_proc, c_addr = start_worker("decode_worker", model, workdir, "colo", ["--colocated"])
         procs.append(c_proc)

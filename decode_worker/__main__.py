@@ -6,20 +6,29 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import grpc
-
 from decode_worker.metrics import DecodeMetrics
-from decode_worker.server import DecodeServicer
+from decode_worker.remote_prefill import GrpcPrefill
+from decode_worker.server import DecodeOptions, DecodeServicer, add_decode_args
 from engine.worker_process import (
+    WorkerLife,
     add_worker_args,
     advertised_address,
-    announce_and_wait,
     drain,
     load_engine,
     run_worker_main,
     start_metrics_server,
 )
-from kvtransfer.grpc_backend import CHANNEL_OPTIONS
+from kvtransfer.channels import SERVER_OPTIONS
+from kvtransfer.security import (
+    ClusterSecurity,
+    add_known_prefill_args,
+    add_port,
+    add_security_args,
+    known_prefill_from_args,
+    make_server,
+    warn_if_open,
+)
+from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 
 
@@ -33,21 +42,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--colocated", action="store_true", help="prefill and decode here (no prefill pool)"
     )
-    p.add_argument(
-        "--kv-reservation-ttl",
-        type=float,
-        default=120.0,
-        help="seconds a KV reservation waits for its prefill before it expires and the "
-        "prompt is prefilled here instead",
-    )
-    p.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="send tokens to the router every N tokens (the first at once); >1 trades "
-        "streaming granularity for throughput",
-    )
+    add_decode_args(p)
+    add_known_prefill_args(p)
     add_worker_args(p)
+    add_security_args(p)
     return p
 
 
@@ -55,11 +53,17 @@ def _role(args: argparse.Namespace) -> str:
     return "colocated" if args.colocated else "decode"
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM (drain, then 0) or the engine's death (EXIT_ENGINE_DIED)."""
     metrics = DecodeMetrics(_role(args))
-    aengine = load_engine(args, metrics.engine)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    address = advertised_address(args, server.add_insecure_port(f"{args.host}:{args.port}"))
+    life = WorkerLife(pb.DESCRIPTOR.services_by_name["DecodeWorker"].full_name)
+    security = ClusterSecurity.from_args(args)
+    known_prefill = known_prefill_from_args(args)
+    aengine = load_engine(args, metrics.engine, on_fatal=life.engine_died)
+    server = make_server(security, SERVER_OPTIONS)
+    await life.attach(server)
+    address = advertised_address(args, add_port(server, f"{args.host}:{args.port}", security))
+    warn_if_open(security, f"the {_role(args)} worker's gRPC port", address)
     metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
     servicer = DecodeServicer(
         aengine,
@@ -67,18 +71,21 @@ async def serve(args: argparse.Namespace) -> None:
         address,
         metrics_port,
         args.colocated,
-        args.kv_reservation_ttl,
-        max(1, args.stream_interval),
+        DecodeOptions.from_args(args),
+        prefill_transport=GrpcPrefill(
+            security, known_prefill, on_unknown=lambda _: metrics.prefill_unknown.inc()
+        ),
     )
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
     aengine.start()
     await server.start()
-    await announce_and_wait(args, _role(args), address, metrics_port)
+    await life.announce_and_wait(args, _role(args), address, metrics_port)
     servicer.draining = True
-    await drain(lambda: servicer.num_streams, args.drain_timeout)
+    await drain(lambda: servicer.num_streams, life.drain_timeout(args.drain_timeout))
     await server.stop(grace=1.0)
     await servicer.prefill.close()
     aengine.stop()
+    return life.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,3 +86,30 @@ class DecodeMetrics:
             ["role"],
             registry=r,
         ).labels(role)
+        self.migrations_in = Counter(
+            "splitserve_decode_migrations_in",
+            "Requests taken over mid-stream from a failed decode worker (recomputed here).",
+            ["role"],
+            registry=r,
+        ).labels(role)
+        self.rejected_overloaded = Counter(
+            "splitserve_decode_rejected_overloaded",
+            "Requests refused at once because the queue was at its bound (the router retries "
+            "elsewhere or answers 503).",
+            ["role"],
+            registry=r,
+        ).labels(role)
+        self.kv_failures = Counter(
+            "splitserve_kv_failures",
+            "Prefills that failed after the first token went out, by what followed "
+            "(recomputed here, or the request failed).",
+            ["role", "outcome"],
+            registry=r,
+        )
+        self.prefill_unknown = Counter(
+            "splitserve_decode_prefill_unknown",
+            "Prefill worker addresses a request named that this decode worker does not know "
+            "(not in --prefill-addresses/--prefill-dns/the Ray directory), so never dialled.",
+            ["role"],
+            registry=r,
+        ).labels(role)

@@ -12,11 +12,20 @@ only once, since the prompt's KV and first token are the same whoever
 computes them (greedy, or seeded: the seed travels with the request). When
 every worker failed, or the reservation's time ran out, the task reports
 failure and the caller decides (prefill locally, or end the request).
+
+The reservation's time (its TTL) starts when fill() is called, right after
+the blocks were reserved, and every message from the prefill worker (the
+first token, each chunk) renews it: a prefill that makes progress is never
+cut off, one that stalls is given up one TTL after its last sign of life.
+Each attempt writes under a fresh reservation generation that the prefill
+worker echoes in its chunks, so a late chunk of an abandoned attempt is
+rejected rather than written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,8 +36,9 @@ import grpc
 
 from engine.request import Request
 from kvtransfer import KvReceiver, KvRejected
-from kvtransfer.grpc_backend import CHANNEL_OPTIONS, chunk_from_proto
+from kvtransfer.grpc_backend import chunk_from_proto
 from kvtransfer.ray_backend import receive_payload
+from kvtransfer.security import ClusterSecurity, KnownPeers, secure_channel
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from protos.convert import params_to_pb
@@ -75,18 +85,20 @@ class PrefillTransport(Protocol):
         block_table: list[int],
         block_size: int,
         addresses: list[str],
-        deadline: float,
+        ttl_s: float,
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
     ) -> None:
         """Fill the reservation; end with a kv_ready or failed event (after a
-        first_token event, at most one). The reservation is closed either way."""
+        first_token event, at most one). The reservation is closed either way.
+        It expires ttl_s after the call, or after the prefill worker's last
+        message, whichever is later."""
 
     async def close(self) -> None: ...
 
 
 def _prefill_request(
-    request: Request, block_table: list[int], block_size: int
+    request: Request, block_table: list[int], block_size: int, reservation: int
 ) -> pb.PrefillRequest:
     return pb.PrefillRequest(
         request_id=request.request_id,
@@ -94,21 +106,91 @@ def _prefill_request(
         sampling_params=params_to_pb(request.sampling_params),
         dest_block_ids=block_table,
         block_size=block_size,
+        reservation=reservation,
     )
+
+
+class ReservationClock:
+    """When a reservation expires: ttl_s after it was made, pushed back to
+    ttl_s from now by renew() (the prefill worker sent something). A failed
+    attempt renews nothing: the next attempt gets the time left.
+
+    attempt() opens the reservation in the receiver under a fresh generation
+    (chunks of an earlier attempt are rejected from then on) and bounds the
+    attempt by an asyncio timeout that follows the renewed deadline; the
+    receiver, which guards the writes, holds the same deadline."""
+
+    def __init__(
+        self, receiver: KvReceiver, request_id: str, block_table: list[int], ttl_s: float
+    ) -> None:
+        self.receiver = receiver
+        self.request_id = request_id
+        self.block_table = block_table
+        self.ttl_s = ttl_s
+        self.deadline = receiver.clock() + ttl_s  # on the receiver's clock
+        self.generation = 0
+        self._timeout: asyncio.Timeout | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - self.receiver.clock()
+
+    @contextlib.asynccontextmanager
+    async def attempt(self) -> AsyncIterator[int]:
+        """One attempt, bounded by the deadline as renewed: yields the
+        reservation generation to send; raises TimeoutError when it expires."""
+        self.generation = self.receiver.expect(
+            self.request_id, self.block_table, self.ttl_s, deadline=self.deadline
+        )
+        async with asyncio.timeout_at(self._loop_time(self.deadline)) as timeout:
+            self._timeout = timeout
+            try:
+                yield self.generation
+            finally:
+                self._timeout = None
+
+    def renew(self) -> None:
+        """The current attempt's prefill worker made progress. Raises
+        KvRejected when the reservation is no longer open."""
+        self.deadline = self.receiver.renew(self.request_id, self.generation)
+        if self._timeout is not None:
+            self._timeout.reschedule(self._loop_time(self.deadline))
+
+    def _loop_time(self, deadline: float) -> float:
+        return asyncio.get_running_loop().time() + (deadline - self.receiver.clock())
+
+
+# Remembered so that each unknown address is logged once (bounded: a request
+# can name any string).
+MAX_LOGGED_UNKNOWN = 1000
 
 
 class GrpcPrefill:
     """The prefill workers the router named, tried in its order over gRPC;
-    one channel per address, opened on first use."""
+    one channel per address, opened on first use.
 
-    def __init__(self) -> None:
+    Only the prefill workers in `known` are ever dialled: an address a
+    request names that the cluster does not know is skipped (logged once,
+    and reported to `on_unknown`), so a request cannot make this worker
+    connect anywhere. With nothing known (no --prefill-addresses or
+    --prefill-dns), every prompt is prefilled here."""
+
+    def __init__(
+        self,
+        security: ClusterSecurity | None = None,
+        known: KnownPeers | None = None,
+        on_unknown: Callable[[str], None] | None = None,
+    ) -> None:
+        self.security = security or ClusterSecurity()
+        self.known = known or KnownPeers()
+        self.on_unknown = on_unknown
         self._stubs: dict[str, pb_grpc.PrefillWorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self._logged_unknown: set[str] = set()
 
     def stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = secure_channel(address, self.security)
             self._channels.append(channel)
             stub = self._stubs[address] = pb_grpc.PrefillWorkerStub(channel)
         return stub
@@ -117,6 +199,33 @@ class GrpcPrefill:
         for channel in self._channels:
             await channel.close()
 
+    async def known_addresses(self, addresses: list[str]) -> list[str]:
+        """The addresses this worker may dial, in the router's order."""
+        out = []
+        for address in addresses:
+            if await self.known.allows(address):
+                out.append(address)
+            else:
+                self._unknown(address)
+        return out
+
+    def _unknown(self, address: str) -> None:
+        if self.on_unknown is not None:
+            self.on_unknown(address)
+        if not self.known.configured:
+            if not self._logged_unknown:
+                self._logged_unknown.add(address)
+                log.warning(
+                    "no prefill workers are configured (--prefill-addresses, --prefill-dns): "
+                    "requests naming prefill workers are prefilled here instead"
+                )
+        elif address not in self._logged_unknown and len(self._logged_unknown) < MAX_LOGGED_UNKNOWN:
+            self._logged_unknown.add(address)
+            log.warning(
+                "skipping prefill worker %r: not a prefill worker this cluster knows",
+                address[:100],  # a request can name any string
+            )
+
     async def fill(
         self,
         receiver: KvReceiver,
@@ -124,38 +233,45 @@ class GrpcPrefill:
         block_table: list[int],
         block_size: int,
         addresses: list[str],
-        deadline: float,
+        ttl_s: float,
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
     ) -> None:
         rid = request.request_id
-        receiver.expect(rid, block_table, max(0.0, deadline - time.monotonic()))
-        prefill = _prefill_request(request, block_table, block_size)
+        clock = ReservationClock(receiver, rid, block_table, ttl_s)
         try:
-            for address in addresses:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            known = await self.known_addresses(addresses)
+            if not known:
+                result.failures.append("no prefill worker the request named is known here")
+            for address in known:
+                if clock.remaining() <= 0:
                     result.failures.append("the KV reservation expired")
                     break
-                call = self.stub(address).Prefill()
+                call: grpc.aio.StreamStreamCall | None = None
                 try:
-                    async with asyncio.timeout(remaining):
-                        await _one_attempt(call, prefill, address, receiver, events, result)
+                    async with clock.attempt() as generation:
+                        prefill = _prefill_request(request, block_table, block_size, generation)
+                        # The call's own deadline, a backstop that P sees too:
+                        # the rest of the reservation for the first token, and
+                        # one TTL more for the KV (renewals count within it).
+                        call = self.stub(address).Prefill(timeout=clock.remaining() + ttl_s)
+                        await _one_attempt(call, prefill, address, receiver, clock, events, result)
                     events.put_nowait(PrefillEvent("kv_ready"))
                     return
                 except (grpc.aio.AioRpcError, PrefillFailed, KvRejected, TimeoutError) as e:
-                    call.cancel()
+                    if call is not None:
+                        call.cancel()
                     reason = _describe(e, address)
                     result.failures.append(reason)
                     log.warning("request %s: %s", rid, reason)
-                    # Start the next attempt on a clean slate: chunks already
-                    # written are simply overwritten.
-                    receiver.close(rid)
-                    receiver.expect(rid, block_table, max(0.0, deadline - time.monotonic()))
+                    # The next attempt opens a new generation: whatever this
+                    # one still sends is rejected; chunks it wrote are simply
+                    # overwritten.
                 except BaseException:
                     # Cancelled (the client went away): end the call so the
                     # prefill worker stops sending and frees its blocks now.
-                    call.cancel()
+                    if call is not None:
+                        call.cancel()
                     raise
             error = "; ".join(result.failures) or "no prefill worker"
             events.put_nowait(PrefillEvent("failed", error=error))
@@ -189,22 +305,22 @@ class ObjectStorePrefill:
         block_table: list[int],
         block_size: int,
         addresses: list[str],
-        deadline: float,
+        ttl_s: float,
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
     ) -> None:
         rid = request.request_id
-        wire = _prefill_request(request, block_table, block_size).SerializeToString()
+        clock = ReservationClock(receiver, rid, block_table, ttl_s)
         try:
             for _ in range(self.attempts):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if clock.remaining() <= 0:
                     result.failures.append("the KV reservation expired")
                     break
-                receiver.expect(rid, block_table, remaining)
                 try:
-                    async with asyncio.timeout(remaining):
-                        await self._one_attempt(wire, receiver, rid, events, result)
+                    async with clock.attempt() as generation:
+                        prefill = _prefill_request(request, block_table, block_size, generation)
+                        wire = prefill.SerializeToString()
+                        await self._one_attempt(wire, receiver, rid, clock, events, result)
                     events.put_nowait(PrefillEvent("kv_ready"))
                     return
                 except Exception as e:  # the runtime's errors are its own types
@@ -226,12 +342,14 @@ class ObjectStorePrefill:
         wire: bytes,
         receiver: KvReceiver,
         rid: str,
+        clock: ReservationClock,
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
     ) -> None:
         stream = self.call(wire)
         try:
             first_bytes = await anext(stream)
+            clock.renew()  # the prompt is computed: the KV is on its way
             first = pb.FirstToken.FromString(first_bytes)
             if result.first is None:
                 result.first = FirstToken(
@@ -243,6 +361,7 @@ class ObjectStorePrefill:
                 events.put_nowait(PrefillEvent("first_token", first=result.first))
             start = time.monotonic()
             payload = await anext(stream)
+            clock.renew()
             result.kv_bytes = receive_payload(receiver, payload)
             if not receiver.is_complete(rid):
                 raise PrefillFailed("KV incomplete: some layers or blocks never arrived")
@@ -265,6 +384,7 @@ async def _one_attempt(
     prefill: pb.PrefillRequest,
     address: str,
     receiver: KvReceiver,
+    clock: ReservationClock,
     events: asyncio.Queue[PrefillEvent],
     result: PrefillResult,
 ) -> None:
@@ -273,6 +393,7 @@ async def _one_attempt(
     msg = await call.read()
     if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "first_token":
         raise PrefillFailed(f"{address} ended the stream before the first token")
+    clock.renew()  # every message from the prefill worker is progress
     first = msg.first_token
     if result.first is None:
         result.first = FirstToken(
@@ -287,6 +408,7 @@ async def _one_attempt(
         msg = await call.read()
         if msg is grpc.aio.EOF:
             raise PrefillFailed(f"{address} ended the stream before the KV was complete")
+        clock.renew()
         kind = msg.WhichOneof("kind")
         if kind == "kv":
             try:

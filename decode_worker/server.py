@@ -48,6 +48,82 @@ from protos.convert import params_from_pb, worker_status
 log = logging.getLogger("splitserve.decode")
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """The decode worker's own limits and policies (the engine's are EngineConfig)."""
+
+    kv_reservation_ttl_s: float = 120.0  # a reservation's KV must arrive within this
+    # How long a request waits for room in the KV cache before the worker
+    # answers RESOURCE_EXHAUSTED (the router then tries another worker or 503).
+    kv_reservation_wait_s: float = 30.0
+    stream_interval: int = 1  # tokens per message after the first
+    # Queue bound, beyond which Generate answers RESOURCE_EXHAUSTED at once
+    # (0 = unbounded): requests queued here, and their prompt tokens not yet computed.
+    max_waiting_requests: int = 256
+    max_waiting_prompt_tokens: int = 1 << 18
+    # A prefill that fails after the first token went out: "recompute" the
+    # prompt here and go on, or "fail" the request.
+    kv_failure_policy: str = "recompute"
+
+    @classmethod
+    def from_args(cls, args: Any) -> DecodeOptions:
+        return cls(
+            kv_reservation_ttl_s=args.kv_reservation_ttl,
+            kv_reservation_wait_s=args.kv_reservation_wait,
+            stream_interval=max(1, args.stream_interval),
+            max_waiting_requests=args.max_waiting_requests,
+            max_waiting_prompt_tokens=args.max_waiting_prompt_tokens,
+            kv_failure_policy=args.kv_failure_policy,
+        )
+
+
+def add_decode_args(p: Any) -> None:
+    """The command-line options behind DecodeOptions."""
+    d = DecodeOptions()
+    p.add_argument(
+        "--kv-reservation-ttl",
+        type=float,
+        default=d.kv_reservation_ttl_s,
+        help="seconds a KV reservation waits for its prefill (renewed while the KV arrives) "
+        "before it expires and the prompt is prefilled here instead",
+    )
+    p.add_argument(
+        "--kv-reservation-wait",
+        type=float,
+        default=d.kv_reservation_wait_s,
+        help="seconds a request waits for room in a full KV cache before the worker refuses "
+        "it (the router then tries another worker, or answers 503)",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=d.stream_interval,
+        help="send tokens to the router every N tokens (the first at once); >1 trades "
+        "streaming granularity for throughput",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=d.max_waiting_requests,
+        help="requests queued here beyond which new ones are refused at once (the router "
+        "answers 503 with Retry-After); 0: no bound",
+    )
+    p.add_argument(
+        "--max-waiting-prompt-tokens",
+        type=int,
+        default=d.max_waiting_prompt_tokens,
+        help="queued prompt tokens not yet computed beyond which new requests are refused "
+        "at once; 0: no bound",
+    )
+    p.add_argument(
+        "--kv-failure-policy",
+        choices=("recompute", "fail"),
+        default=d.kv_failure_policy,
+        help="when the prefill worker fails after the first token: recompute the prompt here "
+        "and go on (default), or end the request with an error",
+    )
+
+
 @dataclass(slots=True)
 class _Progress:
     """One Generate call's timeline, for metrics and the final Timings."""
@@ -67,8 +143,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         address: str,
         metrics_port: int,
         colocated: bool,
-        kv_reservation_ttl_s: float,
-        stream_interval: int = 1,
+        options: DecodeOptions,
         prefill_transport: PrefillTransport | None = None,
     ) -> None:
         self.aengine = aengine
@@ -77,8 +152,9 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self.address = address
         self.metrics_port = metrics_port
         self.role = "colocated" if colocated else "decode"
-        self.kv_reservation_ttl_s = kv_reservation_ttl_s
-        self.stream_interval = stream_interval
+        self.options = options
+        self.kv_reservation_ttl_s = options.kv_reservation_ttl_s
+        self.stream_interval = options.stream_interval
         runner = self.engine.runner
         k_cache = runner.kv_caches[0][0]  # [num_blocks, block_size, kv_heads, head_dim]
         self.receiver = KvReceiver(
@@ -87,12 +163,15 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self.prefill = prefill_transport or GrpcPrefill()
         self.draining = False  # being scaled down: refuse new requests, finish the rest
         self.num_streams = 0  # Generate calls open now
+        self._active: set[str] = set()  # request ids of the Generate calls open now
+        self._reserving = 0  # requests waiting for room in the KV cache
+        self._reserving_tokens = 0  # and their prompt tokens
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.WorkerStatus:
         if self.aengine.error is not None:  # the router then marks us unhealthy
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
         engine_metrics = self.metrics.engine
-        return worker_status(
+        status = worker_status(
             self.aengine,
             self.role,
             self.address,
@@ -100,6 +179,11 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             cost_dollars=engine_metrics.cost.dollars(),
             tokens_produced=engine_metrics.tokens_produced(),
         )
+        status.waiting += self._reserving
+        status.waiting_prompt_tokens += self._reserving_tokens
+        status.max_waiting_requests = self.options.max_waiting_requests
+        status.max_waiting_prompt_tokens = self.options.max_waiting_prompt_tokens
+        return status
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -109,12 +193,41 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.aengine.error)
         if self.draining:  # before any token: the router sends it to another worker
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this decode worker is draining")
+        rid = request.request_id
+        if rid in self._active:  # never touch the first one's blocks or stream
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is already in use"
+            )
+        overloaded = self._overloaded(len(request.prompt_token_ids))
+        if overloaded:
+            self.metrics.rejected_overloaded.inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, overloaded)
         self.num_streams += 1
+        self._active.add(rid)
         try:
             async for message in self._generate(request, context, progress):
                 yield message
         finally:
+            self._active.discard(rid)
             self.num_streams -= 1
+
+    def _overloaded(self, prompt_tokens: int) -> str | None:
+        """Why a new request is refused at once (the queue is at its bound), or None."""
+        opts = self.options
+        snap = self.aengine.snapshot
+        waiting = snap.waiting + self._reserving
+        tokens = snap.waiting_prompt_tokens + self._reserving_tokens
+        if opts.max_waiting_requests and waiting >= opts.max_waiting_requests:
+            return f"overloaded: {waiting} requests queued (bound {opts.max_waiting_requests})"
+        if (
+            opts.max_waiting_prompt_tokens
+            and tokens + prompt_tokens > opts.max_waiting_prompt_tokens
+        ):
+            return (
+                f"overloaded: {tokens} prompt tokens queued (bound "
+                f"{opts.max_waiting_prompt_tokens})"
+            )
+        return None
 
     async def _generate(
         self,
@@ -129,25 +242,30 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
+        resumed = list(request.resume_token_ids)
+        if resumed:  # migrated from a failed decode worker: recompute it all here
+            if len(resumed) >= params.max_tokens or req.num_prompt_tokens + len(resumed) >= (
+                self.engine.max_model_len
+            ):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{len(resumed)} resumed tokens leave nothing to generate",
+                )
+            req.output_token_ids = resumed
+            progress.first_token_time = progress.last_token_time = progress.arrival
+            self.metrics.migrations_in.inc()
         prefill_task: asyncio.Task[None] | None = None
         outcome = "aborted"
         try:
-            addresses = list(request.prefill_addresses) if self.role == "decode" else []
+            addresses = (
+                list(request.prefill_addresses) if self.role == "decode" and not resumed else []
+            )
             result = PrefillResult()
             if addresses:
                 table = await self._reserve(req, context)
                 events: asyncio.Queue[PrefillEvent] = asyncio.Queue()
                 prefill_task = asyncio.create_task(
-                    self.prefill.fill(
-                        self.receiver,
-                        req,
-                        table,
-                        self.engine.config.block_size,
-                        addresses,
-                        progress.arrival + self.kv_reservation_ttl_s,
-                        events,
-                        result,
-                    )
+                    self._fill(req, table, addresses, events, result)
                 )
                 queue = None
                 while queue is None:
@@ -167,7 +285,9 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                             rid, result.first.token_id, result.first.logprob
                         )
                     else:
-                        queue = await self._prefill_failed(req, event.error, progress, context)
+                        queue = await self._prefill_failed(
+                            req, event.error, progress, result, context
+                        )
             else:
                 queue = self.aengine.add_request(req)
             async for message in self._stream(rid, queue, progress, result, context):
@@ -180,12 +300,48 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 self.aengine.abort(rid)
             self.metrics.requests.labels(self.role, outcome).inc()
 
-    async def _reserve(self, req: Request, context: grpc.aio.ServicerContext) -> list[int]:
+    async def _fill(
+        self,
+        req: Request,
+        table: list[int],
+        addresses: list[str],
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None:
+        """The transport's fill, guarded: whatever goes wrong in it, the
+        Generate call hears a final event (it never waits forever)."""
         try:
-            table = await self.aengine.reserve_remote(req)
+            await self.prefill.fill(
+                self.receiver,
+                req,
+                table,
+                self.engine.config.block_size,
+                addresses,
+                self.kv_reservation_ttl_s,  # from now, renewed by the prefill's progress
+                events,
+                result,
+            )
+        except Exception as e:
+            log.exception("request %s: the KV transfer failed unexpectedly", req.request_id)
+            events.put_nowait(
+                PrefillEvent("failed", error=f"KV transfer error ({type(e).__name__})")
+            )
+        # Ignored when the transport already ended with kv_ready or failed.
+        events.put_nowait(PrefillEvent("failed", error="the KV transfer ended without a result"))
+
+    async def _reserve(self, req: Request, context: grpc.aio.ServicerContext) -> list[int]:
+        """The prompt's blocks, waiting for room while the cache is full (up to
+        kv_reservation_wait_s), or the call ends RESOURCE_EXHAUSTED."""
+        self._reserving += 1
+        self._reserving_tokens += req.num_prompt_tokens
+        try:
+            table = await self.aengine.reserve_remote(req, self.options.kv_reservation_wait_s)
         except ValueError as e:  # e.g. a request id already in use
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
+        finally:
+            self._reserving -= 1
+            self._reserving_tokens -= req.num_prompt_tokens
         if table is None:
             self.metrics.rejected_full.inc()
             snap = self.aengine.snapshot
@@ -202,21 +358,30 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         req: Request,
         error: str,
         progress: _Progress,
+        result: PrefillResult,
         context: grpc.aio.ServicerContext,
     ) -> asyncio.Queue[TokenDelta]:
-        """No prefill worker delivered. Before the first token went out the
-        prompt is simply prefilled here; after it, the stream cannot be
-        replayed consistently, so the request ends with an error."""
+        """No prefill worker delivered. The reservation is freed and the
+        prompt is computed here instead: before the first token went out,
+        from scratch; after it, with the first token as already generated
+        (policy "recompute"), so the stream goes on without a gap or a
+        repeat. Policy "fail" ends the request instead."""
         rid = req.request_id
+        first = result.first
+        if progress.first_token_time is not None and first is not None:
+            if self.options.kv_failure_policy == "fail":
+                self.metrics.kv_failures.labels(self.role, "failed").inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill failed: {error}")
+            self.metrics.kv_failures.labels(self.role, "recomputed").inc()
+            self.metrics.local_prefills.inc()
+            log.warning("request %s: recomputing the prompt here after: %s", rid, error)
+            return self.aengine.remote_kv_done(rid, first.token_id, first.logprob, kv_valid=False)
         self.aengine.abort(rid)  # frees the reservation
-        if progress.first_token_time is not None:
-            self.metrics.prefill_retries.labels(self.role, "failed_after_first_token").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill failed: {error}")
+        local = self.engine.make_request(req.prompt_token_ids, req.sampling_params, rid)
+        local.arrival_time = req.arrival_time
         self.metrics.prefill_retries.labels(self.role, "local_fallback").inc()
         self.metrics.local_prefills.inc()
         log.warning("request %s: prefilling here: %s", rid, error)
-        local = self.engine.make_request(req.prompt_token_ids, req.sampling_params, rid)
-        local.arrival_time = req.arrival_time
         return self.aengine.add_request(local)
 
     def _first_token_message(

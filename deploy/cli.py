@@ -88,10 +88,52 @@ def _parser() -> argparse.ArgumentParser:
         help="decode workers send tokens every N tokens (the first at once)",
     )
     sv.add_argument(
+        "--migration-limit",
+        type=int,
+        default=3,
+        help="times the router may move one request to another decode worker when its "
+        "worker fails mid-stream (0: the stream ends with an error event)",
+    )
+    sv.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the router's end-to-end limit on one request: 504 past it, the request "
+        "cancelled on its worker (default: none; or router.request_timeout_s in --config)",
+    )
+    sv.add_argument(
         "--kv-reservation-ttl",
         type=float,
         default=120.0,
         help="seconds a decode worker's KV reservation waits for its prefill",
+    )
+    sv.add_argument(
+        "--kv-reservation-wait",
+        type=float,
+        default=30.0,
+        help="seconds a request waits for room in a full decode worker's KV cache before "
+        "it is refused (the router then tries another worker, or answers 503)",
+    )
+    sv.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        help="requests queued on one decode or colocated worker beyond which new ones are "
+        "refused at once with 503 and Retry-After (0: no bound)",
+    )
+    sv.add_argument(
+        "--max-waiting-prompt-tokens",
+        type=int,
+        default=1 << 18,
+        help="queued prompt tokens per worker beyond which new requests are refused at once "
+        "(0: no bound)",
+    )
+    sv.add_argument(
+        "--kv-failure-policy",
+        choices=("recompute", "fail"),
+        default="recompute",
+        help="a prefill that fails after the first token: the decode worker recomputes the "
+        "prompt and goes on (default), or the request ends with an error",
     )
 
     upp = sub.add_parser(
@@ -318,6 +360,10 @@ def _serve(args: argparse.Namespace) -> int:
     common += ["--threads", str(args.threads)]
     decode_extra = ["--kv-reservation-ttl", str(args.kv_reservation_ttl)]
     decode_extra += ["--stream-interval", str(args.stream_interval)]
+    decode_extra += ["--kv-reservation-wait", str(args.kv_reservation_wait)]
+    decode_extra += ["--max-waiting-requests", str(args.max_waiting_requests)]
+    decode_extra += ["--max-waiting-prompt-tokens", str(args.max_waiting_prompt_tokens)]
+    decode_extra += ["--kv-failure-policy", args.kv_failure_policy]
     if args.config:
         spec_kwargs = _spec_from_config(args)
     else:
@@ -337,14 +383,22 @@ def _serve(args: argparse.Namespace) -> int:
             prefill_args=tuple(engine),
             decode_args=tuple(engine),
             api_key=args.api_key,
+            request_timeout_s=args.request_timeout,
         )
     if spec_kwargs["model"] is None:
         from engine.builtin_model import ensure_default_model
 
         spec_kwargs["model"] = str(ensure_default_model())
     spec_kwargs["decode_args"] = (*spec_kwargs["decode_args"], *decode_extra)
+    if args.request_timeout is not None and not 0 < args.request_timeout < float("inf"):
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if args.migration_limit < 0:
+        raise ValueError(f"--migration-limit must be >= 0, got {args.migration_limit}")
     spec = ClusterSpec(
-        worker_args=tuple(common), served_model_name=args.served_model_name, **spec_kwargs
+        worker_args=tuple(common),
+        served_model_name=args.served_model_name,
+        migration_limit=args.migration_limit,
+        **spec_kwargs,
     )
     LocalCluster(spec).serve()
     return 0
@@ -400,6 +454,7 @@ def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
         decode_args=engine_of(decode_pool),
         api_key=args.api_key or config.router.resolved_api_key,
         policy=config.router.policy,
+        request_timeout_s=_or(args.request_timeout, config.router.request_timeout_s),
     )
 
 

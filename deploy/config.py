@@ -88,6 +88,9 @@ class Router(_Strict):
         None, description="or: the environment variable that holds the key (e.g. from a Secret)"
     )
     policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    request_timeout_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="end-to-end limit per request (504 past it)"
+    )
 
     @model_validator(mode="after")
     def _one_key(self) -> Router:

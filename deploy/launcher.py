@@ -4,9 +4,22 @@ in this process.
 Every worker is started with a ready file; the launcher waits for all of them
 (a worker that exits while loading fails the start with the end of its log),
 then serves the router until Ctrl-C or SIGTERM, then stops every child it
-started, by PID: SIGTERM, then SIGKILL after a grace period. A worker that
-dies while serving is logged here; the router marks it unhealthy at its next
-poll and routes around it.
+started, by PID: SIGTERM, then SIGKILL after a grace period.
+
+Prefill workers start first: each decode worker is told their addresses
+(--prefill-addresses), the only prefill workers it will ever dial. Every
+worker and the router share a secret made for this launch (or
+$SPLITSERVE_CLUSTER_SECRET when set), which reaches the workers through
+their environment, never their command line; a gRPC call without it is
+refused (kvtransfer/security.py).
+
+The launcher is the workers' supervisor: a worker that exits while serving
+(killed, or its engine died: EXIT_ENGINE_DIED) is logged with its exit code
+and the end of its log, and started again on the same address after a
+backoff (RESTART_BACKOFF_S, doubling while it keeps dying). Meanwhile the
+router marks it unhealthy at its next poll and routes around it; it finds it
+again at the same address. The router shows each worker's restarts on
+/cluster and counts them in splitserve_worker_restarts_total.
 """
 
 from __future__ import annotations
@@ -21,11 +34,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from kvtransfer.security import SECRET_ENV, launch_secret
 
 log = logging.getLogger("splitserve")
+
+# A worker that exits is started again after the first delay, doubled at each
+# exit up to the second, and back to the first once a worker has stayed up
+# RESTART_RESET_S (a crash loop backs off; a rare crash costs one second).
+RESTART_BACKOFF_S = (1.0, 30.0)
+RESTART_RESET_S = 60.0
+WATCH_INTERVAL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,8 @@ class ClusterSpec:
     served_model_name: str | None = None
     api_key: str | None = None  # the router then requires it on /v1/
     policy: str = "least_loaded"  # how the router picks a decode worker
+    migration_limit: int = 3  # times a request may move off a failed decode worker
+    request_timeout_s: float | None = None  # the router's end-to-end limit per request
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -60,15 +85,25 @@ class ClusterSpec:
 class WorkerProcess:
     role: str  # "prefill" | "decode" | "colocated"
     index: int
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes]  # the current process; replaced on a restart
     ready_file: Path
-    log_file: Path
+    log_file: Path  # every run of this worker appends to it
     address: str = ""
     metrics_port: int = 0
+    # Supervision (changed only under LocalCluster._lock):
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0  # times it was started again after exiting
+    backoff_s: float = 0.0  # the delay before the last restart (0: none yet)
+    restart_at: float | None = None  # exited: when it is started again
+    ready: bool = False  # the current process wrote its ready file
 
     @property
     def name(self) -> str:
         return f"{self.role}-{self.index}"
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
 
 
 @dataclass
@@ -77,6 +112,11 @@ class LocalCluster:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="splitserve-")))
     workers: list[WorkerProcess] = field(default_factory=list)
     _stopping: bool = False
+    # Orders restarts against stop(): once stop() set _stopping under it, no
+    # worker is started again, and stop() sees every process ever started.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # The cluster's shared secret, for this launch only (never printed).
+    secret: str = field(default_factory=launch_secret, repr=False)
 
     # -- workers ------------------------------------------------------------------
 
@@ -85,46 +125,72 @@ class LocalCluster:
         if spec.colocated:
             plan = [("colocated", i) for i in range(spec.colocated)]
         else:
-            plan = [("prefill", i) for i in range(spec.prefill)]
-            plan += [("decode", i) for i in range(spec.decode)]
+            # Prefill first: the decode workers are given their addresses.
+            self._start(("prefill", i) for i in range(spec.prefill))
+            plan = [("decode", i) for i in range(spec.decode)]
+        self._start(plan)
+        # This thread restarts workers, and a child started with
+        # _die_with_parent gets SIGTERM when the *thread* that started it
+        # ends: it runs until stop(), and survives any error (see _watch).
+        threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
+
+    def _start(self, plan: Iterable[tuple[str, int]]) -> None:
+        """Start these workers and wait until they are all ready (on an
+        error, stop every worker started so far and raise)."""
+        started = []
         try:
             for role, i in plan:
-                self.workers.append(self._spawn(role, i))
-            self._wait_ready()
+                ready = self.workdir / f"{role}-{i}.ready"
+                log_file = self.workdir / f"{role}-{i}.log"
+                proc = self._spawn(role, i, ready, log_file, port=0)
+                started.append(WorkerProcess(role, i, proc, ready, log_file))
+                self.workers.append(started[-1])
+            self._wait_ready(started)
         except BaseException:
             self.stop()
             raise
-        threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
 
-    def _spawn(self, role: str, index: int) -> WorkerProcess:
+    def _spawn(
+        self, role: str, index: int, ready: Path, log_file: Path, port: int
+    ) -> subprocess.Popen[bytes]:
         module = "prefill_worker" if role == "prefill" else "decode_worker"
-        ready = self.workdir / f"{role}-{index}.ready"
-        log_file = self.workdir / f"{role}-{index}.log"
         cmd = [sys.executable, "-m", module, "--model", self.spec.model]
-        cmd += ["--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready)]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--ready-file", str(ready)]
         cmd += list(self.spec.worker_args)
         cmd += list(self.spec.prefill_args if role == "prefill" else self.spec.decode_args)
         if role == "colocated":
             cmd.append("--colocated")
+        if role == "decode":  # the only prefill workers it may dial
+            cmd += ["--prefill-addresses", ",".join(self.addresses("prefill"))]
         env = dict(os.environ)
+        env[SECRET_ENV] = self.secret  # not on the command line, which `ps` shows
         # Idle OpenMP threads spin by default, stealing the cores a busy
         # neighbour worker needs; make them sleep.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        with open(log_file, "wb") as out:
+        with open(log_file, "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+                # Its own session: Ctrl-C in the terminal reaches only the
+                # launcher, which stops the workers itself (a worker that a
+                # terminal's SIGINT stopped first would look like a crash).
+                start_new_session=True,
             )
         log.info("started %s-%d (pid %d), log %s", role, index, proc.pid, log_file)
-        return WorkerProcess(role, index, proc, ready, log_file)
+        return proc
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, workers: Sequence[WorkerProcess]) -> None:
         deadline = time.monotonic() + self.spec.ready_timeout_s
-        pending = list(self.workers)
+        pending = list(workers)
         while pending:
             for w in list(pending):
                 if w.ready_file.exists():
                     info = json.loads(w.ready_file.read_text())
                     w.address, w.metrics_port = info["address"], info["metrics_port"]
+                    w.ready = True
                     log.info("%s ready on %s (pid %d)", w.name, w.address, w.proc.pid)
                     pending.remove(w)
                 elif w.proc.poll() is not None:
@@ -139,29 +205,82 @@ class LocalCluster:
             time.sleep(0.1)
 
     def _watch(self) -> None:
-        reported: set[int] = set()
         while not self._stopping:
-            for w in self.workers:
-                code = w.proc.poll()
-                if code is not None and w.proc.pid not in reported and not self._stopping:
-                    reported.add(w.proc.pid)
-                    log.error(
-                        "%s (pid %d, %s) exited with code %s; the router routes around it. "
-                        "Its log: %s",
-                        w.name,
-                        w.proc.pid,
-                        w.address,
-                        code,
-                        w.log_file,
-                    )
-            time.sleep(0.5)
+            try:
+                with self._lock:
+                    if self._stopping:
+                        return
+                    for w in self.workers:
+                        self._supervise(w, time.monotonic())
+            except Exception:  # this thread must live as long as the workers it started
+                log.exception("supervising the workers failed")
+            time.sleep(WATCH_INTERVAL_S)
+
+    def _supervise(self, w: WorkerProcess, now: float) -> None:
+        """One look at one worker (under the lock): restart it when its
+        backoff is over, note when it is ready, or schedule its restart."""
+        if w.restart_at is not None:
+            if now >= w.restart_at:
+                self._restart(w, now)
+            return
+        code = w.proc.poll()
+        if code is None:
+            if not w.ready and w.ready_file.exists():
+                self._restarted_ready(w)
+            return
+        up_s = now - w.started_at
+        first, most = RESTART_BACKOFF_S
+        fresh = up_s >= RESTART_RESET_S or not w.backoff_s
+        w.backoff_s = first if fresh else min(most, 2 * w.backoff_s)
+        w.restart_at = now + w.backoff_s
+        log.error(
+            "%s (pid %d, %s) exited with code %s after %.1fs; restarting it in %.0fs "
+            "(restart %d). The end of its log (%s):\n%s",
+            w.name, w.proc.pid, w.address, _exit_code(code), up_s, w.backoff_s, w.restarts + 1,
+            w.log_file, _tail(w.log_file),
+        )  # fmt: skip
+
+    def _restart(self, w: WorkerProcess, now: float) -> None:
+        """Start the worker again on its address, so the router finds it there."""
+        w.ready_file.unlink(missing_ok=True)
+        with open(w.log_file, "ab") as out:
+            out.write(f"--- restart {w.restarts + 1} of {w.name} by the launcher ---\n".encode())
+        w.restarts += 1
+        w.restart_at = None
+        w.ready = False
+        w.started_at = now
+        try:
+            w.proc = self._spawn(w.role, w.index, w.ready_file, w.log_file, port=w.port)
+        except OSError as e:  # counted as a run that failed at once: backoff grows
+            log.error("could not start %s again: %s", w.name, e)
+            w.restart_at = now + min(RESTART_BACKOFF_S[1], 2 * max(w.backoff_s, 0.5))
+
+    def _restarted_ready(self, w: WorkerProcess) -> None:
+        try:
+            info = json.loads(w.ready_file.read_text())
+        except (OSError, ValueError):  # written atomically; gone if it exited since
+            return
+        w.ready = True
+        w.metrics_port = info["metrics_port"]
+        if info["address"] != w.address:  # cannot happen with a fixed --port; say so if it does
+            log.error("%s came back on %s, not %s", w.name, info["address"], w.address)
+        log.info(
+            "%s is back on %s (pid %d, restart %d, metrics on :%d)",
+            w.name, w.address, w.proc.pid, w.restarts, w.metrics_port,
+        )  # fmt: skip
+
+    def restart_counts(self) -> dict[str, tuple[str, int]]:
+        """address -> (role, times restarted), for the router's /cluster and
+        metrics (read from its thread; each value is one attribute read)."""
+        return {w.address: (w.role, w.restarts) for w in self.workers}
 
     def addresses(self, *roles: str) -> tuple[str, ...]:
         return tuple(w.address for w in self.workers if w.role in roles)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop every worker this launcher started (by PID; nothing else)."""
-        self._stopping = True
+        with self._lock:  # no restart after this
+            self._stopping = True
         live = [w for w in self.workers if w.proc.poll() is None]
         for w in live:
             with contextlib.suppress(ProcessLookupError):
@@ -179,6 +298,7 @@ class LocalCluster:
 
     def serve(self) -> None:
         """Start the workers, serve the router until interrupted, stop the workers."""
+        from kvtransfer.security import ClusterSecurity
         from router.server import RouterConfig, serve
 
         # uvicorn re-raises SIGTERM after its own shutdown; as an exception
@@ -196,6 +316,10 @@ class LocalCluster:
             port=spec.port,
             api_key=spec.api_key,
             policy=spec.policy,  # type: ignore[arg-type]  # checked by the config or the CLI
+            migration_limit=spec.migration_limit,
+            request_timeout_s=spec.request_timeout_s,
+            restarts=self.restart_counts,
+            security=ClusterSecurity(secret=self.secret),
         )
         url = f"http://{spec.host}:{spec.port}"
         name = spec.served_model_name or Path(spec.model).name
@@ -221,17 +345,39 @@ def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launcher dies, even by
-    SIGKILL, so no worker outlives its cluster (Linux; elsewhere a no-op)."""
+def _pdeathsig() -> Any:
+    """libc's prctl, looked up once here: restarts fork from a process whose
+    gRPC and router threads run, and a lookup (dlsym) in the forked child
+    could wait forever for a lock one of them held."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _pdeathsig()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher dies, even by
+    SIGKILL, so no worker outlives its cluster (Linux; elsewhere a no-op)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _exit_code(code: int) -> str:
+    """70 -> "70 (its engine died)", -9 -> "-9 (SIGKILL)"."""
+    from engine.worker_process import EXIT_ENGINE_DIED
+
+    if code == EXIT_ENGINE_DIED:
+        return f"{code} (its engine died)"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

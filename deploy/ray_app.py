@@ -15,6 +15,12 @@ object store: the decode replica calls the prefill deployment's handle and
 gets the first token, then the KV as numpy arrays that Ray stores once and
 the decode replica owns (ENVIRONMENT.md).
 
+Workers let in only the cluster: every replica's gRPC port requires the
+secret in $SPLITSERVE_CLUSTER_SECRET (and mTLS with $SPLITSERVE_TLS_*), which
+`splitserve up` sets in the job's runtime_env and KubeRay pods take from a
+Secret; the router ingress presents it. A decode replica dials only the
+prefill replicas in the Directory.
+
 Scale-down drains: Serve stops routing to the replica it picked, then calls
 its `__del__`, which leaves the Directory (the router stops sending within a
 poll), refuses the stragglers with UNAVAILABLE (the router or the decode
@@ -38,7 +44,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
@@ -88,6 +93,7 @@ class _WorkerReplica(abc.ABC):
 
     async def _boot(self, config: ClusterConfig, pool: Pool, directory: DeploymentHandle) -> None:
         from engine.worker_process import load_engine, setup_logging, start_metrics_server
+        from kvtransfer.security import ClusterSecurity, add_port, make_server, warn_if_open
 
         setup_logging(self.role)
         self.config = config
@@ -98,13 +104,16 @@ class _WorkerReplica(abc.ABC):
         self.metrics = self._make_metrics()
         self.aengine = load_engine(args, self.metrics.engine)
         host = ray.util.get_node_ip_address()
-        self.server = grpc.aio.server(options=_channel_options())
-        self.address = f"{host}:{self.server.add_insecure_port(f'{host}:0')}"
+        self.security = ClusterSecurity.from_env()
+        self.server = make_server(self.security, _channel_options())
+        self.address = f"{host}:{add_port(self.server, f'{host}:0', self.security)}"
+        warn_if_open(self.security, f"the {self.role} replica's gRPC port", self.address)
         self.metrics_port = start_metrics_server(self.metrics.registry, 0, host=host)
         self.servicer = self._make_servicer()
         self.aengine.start()
         await self.server.start()
-        await self.directory.register.remote(self.role, self.address)
+        # Bounded like every directory call (a replica that cannot register fails to start).
+        await _wait_uncancelled(self.directory.register.remote(self.role, self.address), 30.0)
         self._heartbeat = asyncio.create_task(self._beat())
         log.info("%s replica serving on %s", self.role, self.address)
 
@@ -126,6 +135,10 @@ class _WorkerReplica(abc.ABC):
         }
 
     def check_health(self) -> None:
+        """Serve calls this every health_check_period_s. A replica whose
+        engine died (every request it held has already ended with an error)
+        raises, and Serve replaces it: the Ray form of a standalone worker
+        exiting with EXIT_ENGINE_DIED."""
         if self.aengine.error is not None:
             raise RuntimeError(self.aengine.error)
 
@@ -187,7 +200,9 @@ class PrefillReplica(_WorkerReplica):
         from prefill_worker.server import PrefillServicer
         from protos import splitserve_pb2_grpc as pb_grpc
 
-        servicer = PrefillServicer(self.aengine, self.metrics, self.address, self.metrics_port)
+        servicer = PrefillServicer(
+            self.aengine, self.metrics, self.address, self.metrics_port, self.args.kv_lease
+        )
         pb_grpc.add_PrefillWorkerServicer_to_server(servicer, self.server)
         return servicer
 
@@ -227,11 +242,17 @@ class DecodeReplica(_WorkerReplica):
         return DecodeMetrics(self.role)
 
     def _make_servicer(self) -> Any:
-        from decode_worker.remote_prefill import ObjectStorePrefill
-        from decode_worker.server import DecodeServicer
+        from decode_worker.remote_prefill import GrpcPrefill, ObjectStorePrefill, PrefillTransport
+        from decode_worker.server import DecodeOptions, DecodeServicer
+        from kvtransfer.security import KnownPeers
         from protos import splitserve_pb2_grpc as pb_grpc
 
-        transport = None
+        # gRPC: only the prefill replicas in the Directory are ever dialled.
+        transport: PrefillTransport = GrpcPrefill(
+            self.security,
+            KnownPeers(source=self._prefill_members),
+            on_unknown=lambda _: self.metrics.prefill_unknown.inc(),
+        )
         if self.config.kv_transport == "ray" and self.prefill_handle is not None:
             handle = self.prefill_handle.options(stream=True, _by_reference=True)
 
@@ -271,8 +292,7 @@ class DecodeReplica(_WorkerReplica):
             self.address,
             self.metrics_port,
             colocated=self.role == "colocated",
-            kv_reservation_ttl_s=self.args.kv_reservation_ttl,
-            stream_interval=max(1, self.args.stream_interval),
+            options=DecodeOptions.from_args(self.args),
             prefill_transport=transport,
         )
         pb_grpc.add_DecodeWorkerServicer_to_server(servicer, self.server)
@@ -280,6 +300,11 @@ class DecodeReplica(_WorkerReplica):
 
     def _in_flight(self) -> int:
         return int(self.servicer.num_streams)
+
+    async def _prefill_members(self) -> list[str]:
+        """The prefill replicas registered in the Directory now."""
+        workers = await _wait_uncancelled(self.directory.workers.remote(), 2.0)
+        return [address for address, role in workers.items() if role == "prefill"]
 
 
 @serve.ingress()
@@ -300,6 +325,7 @@ class RouterIngress:
         return decode, prefill
 
     def __serve_build_asgi_app__(self) -> Any:
+        from kvtransfer.security import ClusterSecurity
         from router.server import RouterConfig, build_app
 
         model = self.config.model_path
@@ -312,8 +338,10 @@ class RouterIngress:
                 model=model,
                 api_key=self.config.router.resolved_api_key,
                 policy=self.config.router.policy,
+                request_timeout_s=self.config.router.request_timeout_s,
                 max_model_len=_max_model_len(self.config),
                 discover=self._discover,
+                security=ClusterSecurity.from_env(),
             )
         )
 

@@ -7,6 +7,11 @@ SIGTERM (which `down` sends) deletes the application (each replica drains)
 and stops the local Ray it started. It records its PID and address in a
 state file so `down` can find it.
 
+Workers let in only the cluster: `up` makes a secret for this launch (or
+takes $SPLITSERVE_CLUSTER_SECRET) and hands it to every replica through the
+job's runtime_env, never on a command line; replicas and the router ingress
+read it from their environment (kvtransfer/security.py).
+
 An embedded Ray listens on 127.0.0.1 only: Ray otherwise picks the machine's
 other interface, and Serve replicas bind their internal gRPC server to all
 interfaces; the setup hook below rebinds it (ENVIRONMENT.md).
@@ -20,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +66,28 @@ def _is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> bool:
+def start_ray(
+    address: str | None, num_cpus: int | None, env_vars: Mapping[str, str] | None = None
+) -> bool:
     """Connect to `address`, or start a local Ray on loopback; True when
     this process started it (and so stops it). A cluster on 127.0.0.1 gets
-    the loopback setup hook too."""
+    the loopback setup hook too. `env_vars` reach every replica this job
+    deploys (Serve's deployments inherit the job's runtime_env)."""
     local = address is None or _is_loopback(address)
     if local:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     import ray
 
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": SETUP_HOOK} if local else {}
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
     if address is not None:
         ray.init(
             address=address,
             namespace="splitserve",
             log_to_driver=False,
-            runtime_env={"worker_process_setup_hook": SETUP_HOOK} if local else None,
+            runtime_env=runtime_env or None,
         )
         return False
     ray.init(
@@ -86,7 +97,7 @@ def start_ray(address: str | None, num_cpus: int | None) -> bool:
         namespace="splitserve",
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
+        runtime_env=runtime_env,
     )
     return True
 
@@ -162,7 +173,9 @@ def up(
         if not serving:  # still deploying: unwind now, through the `finally`
             raise KeyboardInterrupt
 
-    started_here = start_ray(address, num_cpus)
+    from kvtransfer.security import SECRET_ENV, launch_secret
+
+    started_here = start_ray(address, num_cpus, env_vars={SECRET_ENV: launch_secret()})
     # After ray.init, which installs its own SIGTERM handler (one that exits
     # at once, before the replicas could drain).
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -187,14 +200,7 @@ def up(
         _write_state(
             state_file, {"pid": os.getpid(), "address": address, "gcs_address": gcs, "url": url}
         )
-        key = config.router.api_key or (
-            f"${config.router.api_key_env}" if config.router.api_key_env else None
-        )
-        auth = f' -H "Authorization: Bearer {key}"' if key else ""
-        out(
-            f"try: curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-            """-d '{"prompt": "Hello", "max_tokens": 16}'"""
-        )
+        out(try_command(config, url))
         out("stop with Ctrl-C or `splitserve down`")
         serving = True
         sizes = pool_sizes()
@@ -220,6 +226,24 @@ def up(
         with contextlib.suppress(OSError):
             if json.loads(state_file.read_text()).get("pid") == os.getpid():
                 state_file.unlink()
+
+
+def try_command(config: ClusterConfig, url: str) -> str:
+    """The curl line `up` prints: never with the API key itself, since the
+    line ends up in terminals and logs; the variable or the config field
+    that holds it instead."""
+    key = (
+        f"${config.router.api_key_env}"
+        if config.router.api_key_env
+        else "<router.api_key>"
+        if config.router.api_key
+        else None
+    )
+    auth = f' -H "Authorization: Bearer {key}"' if key else ""
+    return (
+        f"try: curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+        """-d '{"prompt": "Hello", "max_tokens": 16}'"""
+    )
 
 
 def _shutdown(started_here: bool, out: Callable[[str], None]) -> None:

@@ -89,20 +89,41 @@ class _State:
     live: dict[str, _Live] = field(default_factory=dict)
 
 
+class EngineDeadError(RuntimeError):
+    """The engine thread died; nothing more will run on it."""
+
+
+def _ignore(message: str) -> None:
+    pass
+
+
+@dataclass(slots=True)
+class _Command:
+    run: Callable[[], None]  # on the engine thread, between steps
+    on_dead: Callable[[str], None]  # instead of run, if the engine died first
+
+
 class AsyncEngine:
     def __init__(
         self,
         engine: LLMEngine,
         loop: asyncio.AbstractEventLoop,
         on_step: Callable[[StepInfo], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_fatal(message)` runs once, on the engine thread, if the engine
+        dies: a worker process then exits so its supervisor replaces it."""
         self.engine = engine
         self.loop = loop
         self.on_step = on_step
         self.snapshot = EngineSnapshot()
+        self.on_fatal = on_fatal
         self.error: str | None = None  # set if the engine thread died
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # (command, what to do instead if the engine is dead); see _submit.
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._death = threading.Lock()  # orders _submit against the thread's death
         self._wake = threading.Event()
+        self._room_waiters: list[asyncio.Future[None]] = []  # loop thread only
         self._stop = False
         self._state = _State()
         self._refresh_snapshot()
@@ -130,45 +151,74 @@ class AsyncEngine:
             else:
                 self.loop.call_soon_threadsafe(_set_result, fut, result)
 
-        self._submit(command)
+        def fail(message: str) -> None:
+            self.loop.call_soon_threadsafe(_set_exception, fut, EngineDeadError(message))
+
+        self._submit(command, fail)
         return await fut
 
     def add_request(self, request: Request) -> asyncio.Queue[TokenDelta]:
-        """Queue a request for the engine; its tokens arrive on the returned queue."""
+        """Queue a request for the engine; its tokens arrive on the returned queue.
+
+        Output tokens already in the request (a migrated or recomputed
+        request: the client has them) are recomputed with the prompt and not
+        delivered again; only the tokens after them arrive."""
         q: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        rid = request.request_id
+        already_sent = len(request.output_token_ids)
 
         def command() -> None:
-            self._state.live[request.request_id] = _Live(request, q)
+            if rid in self._state.live:
+                # Never touch the live request's stream or blocks.
+                self._post([TokenDelta(rid, [], [], error=f"request id {rid!r} is in use")], q)
+                return
             try:
                 self.engine.add_request(request)
             except Exception as e:
-                del self._state.live[request.request_id]
-                self._post([TokenDelta(request.request_id, [], [], error=str(e))], q)
+                self._post([TokenDelta(rid, [], [], error=str(e))], q)
+                return
+            self._state.live[rid] = _Live(request, q, sent=already_sent)
 
-        self._submit(command)
+        self._submit(command, self._fail_queue(rid, q))
         return q
 
-    async def reserve_remote(self, request: Request) -> Sequence[int] | None:
+    async def reserve_remote(self, request: Request, wait_s: float = 0.0) -> Sequence[int] | None:
         """Reserve blocks for a prompt whose KV another engine computes; the
-        block table, or None when the pool is full."""
+        block table to fill, or None when the pool stayed full for `wait_s`
+        seconds (retried whenever blocks are freed)."""
 
         def reserve(engine: LLMEngine) -> Sequence[int] | None:
             table = engine.reserve_remote(request)
             return None if table is None else list(table)
 
-        return await self.call(reserve)
+        deadline = self.loop.time() + wait_s
+        while True:
+            table = await self.call(reserve)
+            remaining = deadline - self.loop.time()
+            if table is not None or remaining <= 0:
+                return table
+            room: asyncio.Future[None] = self.loop.create_future()
+            self._room_waiters.append(room)
+            try:
+                # Polled too, so a wake-up lost to a race costs a fraction of a second.
+                await asyncio.wait({room}, timeout=min(remaining, 0.25))
+            finally:
+                if room in self._room_waiters:
+                    self._room_waiters.remove(room)
 
     def remote_kv_done(
-        self, request_id: str, first_token: int, logprob: float | None
+        self, request_id: str, first_token: int, logprob: float | None, kv_valid: bool = True
     ) -> asyncio.Queue[TokenDelta]:
         """The reservation is filled; the request joins the batch. Tokens after
-        the first (which the caller already has) arrive on the returned queue."""
+        the first (which the caller already has) arrive on the returned queue.
+        With kv_valid False (the transfer failed after the first token) the
+        reservation is dropped and the prompt recomputed here instead."""
         q: asyncio.Queue[TokenDelta] = asyncio.Queue()
 
         def command() -> None:
             req = self.engine.scheduler.awaiting_kv.get(request_id)
             try:
-                done = self.engine.remote_kv_done(request_id, first_token, logprob)
+                done = self.engine.remote_kv_done(request_id, first_token, logprob, kv_valid)
             except Exception as e:
                 self._post([TokenDelta(request_id, [], [], error=str(e))], q)
                 return
@@ -177,7 +227,7 @@ class AsyncEngine:
             elif req is not None:
                 self._state.live[request_id] = _Live(req, q, sent=1)
 
-        self._submit(command)
+        self._submit(command, self._fail_queue(request_id, q))
         return q
 
     def abort(self, request_id: str) -> None:
@@ -196,24 +246,39 @@ class AsyncEngine:
 
     # -- the engine thread -------------------------------------------------------
 
-    def _submit(self, command: Callable[[], None]) -> None:
-        self._commands.put(command)
-        self._wake.set()
+    def _fail_queue(self, rid: str, q: asyncio.Queue[TokenDelta]) -> Callable[[str], None]:
+        return lambda message: self._post([TokenDelta(rid, [], [], error=message)], q)
+
+    def _submit(
+        self, command: Callable[[], None], on_dead: Callable[[str], None] = _ignore
+    ) -> None:
+        """Queue a command for the engine thread. If the engine is dead, or
+        dies before running it, `on_dead(error)` runs instead: no caller
+        waits on a command that will never run."""
+        with self._death:
+            if self.error is None:
+                self._commands.put(_Command(command, on_dead))
+                self._wake.set()
+                return
+        on_dead(self.error)
 
     def _run(self) -> None:
         try:
             while not self._stop:
                 self._drain_commands()
-                if self.engine.scheduler.has_schedulable():
-                    self._step()
-                else:
-                    self._refresh_snapshot()
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
+                if self.engine.scheduler.has_schedulable() and self._step():
+                    continue
+                self._refresh_snapshot()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
         except BaseException as e:
             log.exception("engine thread died")
-            self.error = f"engine failed: {type(e).__name__}: {e}"
-            self._fail_all(self.error)
+            message = f"engine failed: {type(e).__name__}: {e}"
+            with self._death:
+                self.error = message
+            self._fail_all(message)
+            if self.on_fatal is not None:
+                self.on_fatal(message)
 
     def _drain_commands(self) -> None:
         while True:
@@ -221,9 +286,11 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            command.run()
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step; False if nothing could be scheduled (blocks pinned
+        until KV arrives or held KV is released: a command will wake us)."""
         start = time.perf_counter()
         steps_before = self.engine.scheduler.stats.num_steps
         batch_before = self.engine.scheduler.stats.running_batch_sum
@@ -249,7 +316,9 @@ class AsyncEngine:
         if deltas:
             self.loop.call_soon_threadsafe(_deliver, deltas)
         self._refresh_snapshot()
-        if self.on_step is not None and stats.num_steps > steps_before:
+        if stats.num_steps == steps_before:
+            return False
+        if self.on_step is not None:
             self.on_step(
                 StepInfo(
                     duration_s=duration,
@@ -258,11 +327,19 @@ class AsyncEngine:
                     num_waiting=len(self.engine.scheduler.waiting),
                 )
             )
+        return True
+
+    def _room_freed(self) -> None:
+        for room in self._room_waiters:
+            if not room.done():
+                room.set_result(None)
 
     def _post(self, deltas: list[TokenDelta], q: asyncio.Queue[TokenDelta]) -> None:
         self.loop.call_soon_threadsafe(_deliver, [(d, q) for d in deltas])
 
     def _fail_all(self, message: str) -> None:
+        """The engine is dead: end every live request and every command still
+        queued (self.error is already set, so no new one is queued)."""
         deltas = [
             (TokenDelta(rid, [], [], error=message), entry.queue)
             for rid, entry in self._state.live.items()
@@ -270,11 +347,19 @@ class AsyncEngine:
         self._state.live.clear()
         if deltas:
             self.loop.call_soon_threadsafe(_deliver, deltas)
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command.on_dead(message)
 
     def _refresh_snapshot(self) -> None:
         sched = self.engine.scheduler
         pool = self.engine.block_pool
         stats = sched.stats
+        if pool.num_free_blocks > self.snapshot.kv_blocks_free:
+            self.loop.call_soon_threadsafe(self._room_freed)
         self.snapshot = EngineSnapshot(
             kv_blocks_total=pool.num_blocks,
             kv_blocks_free=pool.num_free_blocks,

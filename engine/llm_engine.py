@@ -35,7 +35,13 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config)
         self.block_pool = BlockPool(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                self.max_model_len,
+                # vLLM's watermark: 1% of the pool stays free of reservations.
+                reservation_watermark=max(1, self.block_pool.num_blocks // 100),
+            ),
             self.block_pool,
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -110,9 +116,33 @@ class LLMEngine:
         return req
 
     def add_request(self, request: Request) -> None:
+        """Queue a request. Output tokens it already carries (a request
+        migrated from a failed worker, or whose remote prefill failed after
+        its first token) are recomputed with the prompt, as after a
+        preemption; sampling goes on after them as if they were drawn here."""
+        resumed = request.output_token_ids
+        if resumed and len(resumed) >= request.sampling_params.max_tokens:
+            raise ValueError(
+                f"{len(resumed)} tokens already generated; max_tokens is "
+                f"{request.sampling_params.max_tokens}"
+            )
+        if request.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"{request.num_tokens} tokens already known; the context length is "
+                f"{self.max_model_len}"
+            )
+        if request.sampling_params.logprobs is not None:
+            # Placeholders for tokens the client already has (never sent
+            # again) keep output_logprobs aligned with output_token_ids.
+            missing = len(resumed) - len(request.output_logprobs)
+            request.output_logprobs.extend([0.0] * missing)
         self.scheduler.add_request(request)
+        for _ in resumed:  # seeded streams go on where they were
+            sampler.skip_sample(request, self.model_config.vocab_size, self.runner.device)
         if request.sampling_params.stop:
-            self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer)
+            detok = self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer)
+            for token in resumed:
+                detok.push(token)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.abort_request(request_id)
@@ -129,11 +159,13 @@ class LLMEngine:
         """One iteration: returns the requests that finished in it."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.has_schedulable():
-                # Cannot happen while make_request rejects what could never fit;
-                # fail loudly rather than spin.
-                raise RuntimeError(
-                    f"scheduler stalled: {self.block_pool}, {len(self.scheduler.waiting)} waiting"
+            # Nothing to run is fine only while blocks are pinned by events
+            # from outside (KV arriving, held KV being acknowledged): those
+            # end in bounded time. Otherwise the scheduler broke its invariant.
+            if self.scheduler.has_schedulable() and not self.scheduler.num_pinned_blocks:
+                raise AssertionError(
+                    f"scheduler made no progress with nothing pinned: {self.block_pool}, "
+                    f"{len(self.scheduler.waiting)} waiting"
                 )
             return []
         samples = self.runner.execute(sched.scheduled)
@@ -178,7 +210,14 @@ class LLMEngine:
             return None
         if request.sampling_params.stop:
             self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer)
-        return self.block_pool.block_table(request.request_id)
+        return self._prompt_blocks(request.request_id)
+
+    def _prompt_blocks(self, request_id: str) -> Sequence[int]:
+        """The part of a reservation that the prompt's KV fills (the rest is
+        the first decode step's room)."""
+        req = self.scheduler.awaiting_kv[request_id]
+        n = self.block_pool.blocks_for_tokens(req.num_prompt_tokens)
+        return self.block_pool.block_table(request_id)[:n]
 
     def write_remote_kv(
         self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -187,15 +226,20 @@ class LLMEngine:
         kv_heads, head_dim] each, n_blocks the length of the reservation."""
         if request_id not in self.scheduler.awaiting_kv:
             raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
-        table = self.block_pool.block_table(request_id)
-        self.runner.write_blocks(layer, table, k, v)
+        self.runner.write_blocks(layer, self._prompt_blocks(request_id), k, v)
 
     def remote_kv_done(
-        self, request_id: str, first_token: int, logprob: float | None = None
+        self,
+        request_id: str,
+        first_token: int,
+        logprob: float | None = None,
+        kv_valid: bool = True,
     ) -> RequestOutput | None:
         """All layers are written and the prefill side sampled `first_token`:
         the request joins the running batch at the next step. Returns its
-        output if that token already finishes it."""
+        output if that token already finishes it. With kv_valid False (the KV
+        never fully arrived) its blocks are dropped and the prompt is
+        recomputed here, the first token counted as generated."""
         req = self.scheduler.awaiting_kv.get(request_id)
         if req is None:
             raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
@@ -203,7 +247,7 @@ class LLMEngine:
         req.first_token_time = now
         sampler.skip_sample(req, self.model_config.vocab_size, self.runner.device)
         done = self.scheduler.remote_kv_arrived(
-            request_id, first_token, logprob, self.eos_token_ids
+            request_id, first_token, logprob, self.eos_token_ids, kv_valid
         )
         if self._stop_string_hit(req, first_token) or done is not None:
             return self._finalize(req, now)

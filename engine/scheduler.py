@@ -6,16 +6,46 @@ KV cache). Each step it hands out a token budget:
 
 1. running requests first, oldest first: each gets the tokens it is missing
    (1 for a decoding request; a chunk for one still prefilling). When one
-   cannot get the blocks it needs, the newest running request is preempted
-   (its blocks freed, to be recomputed later) until it can, or until it is
-   itself the newest, in which case it is the one preempted;
-2. then, if nothing was preempted, waiting requests in arrival order, each
-   admitted only when its first chunk's blocks can be allocated, until the
-   budget or the cap on running requests is reached. A slot freed by a
-   finished request is thus refilled at the very next step.
+   cannot get the blocks it needs, blocks are taken back (see "Making room")
+   until it can, or until it is itself the newest running request, in which
+   case it is the one preempted;
+2. then waiting requests in arrival order, each admitted only when its first
+   chunk's blocks can be allocated, until the budget or the cap on running
+   requests is reached. A slot freed by a finished request is thus refilled
+   at the very next step.
 
 So prefill chunks ride along with decode steps (chunked prefill): a long
 prompt never stalls the running batch for more than one budget's worth.
+
+Who holds blocks: running requests; waiting requests whose prompt KV came
+from another engine ("ready", see `remote_kv_arrived`); reservations for KV
+still arriving (`awaiting_kv`); finished requests whose KV is being shipped
+(`held`). Only the first two are the scheduler's to take back.
+
+Making room (preemption by recompute): a running request that cannot grow
+takes the blocks of the newest running requests; when it is itself the
+newest, those of ready waiting requests, newest first (their prompts are
+recomputed here later, which costs what the transfer saved); only then is
+it preempted itself. So the oldest running request always grows, and
+finishes. When nothing is running and the head of the queue cannot be
+admitted, it takes the blocks of ready requests queued behind it. While
+something runs, admission just waits: finishing requests free blocks.
+
+Progress is an invariant, not a hope: whenever a request could be scheduled
+(waiting or running), `schedule()` returns a non-empty batch, unless the
+blocks standing in the way are pinned by events outside the scheduler, a
+reservation awaiting KV (ended by the KV's arrival, the reservation's TTL or
+an abort) or held KV (ended by the receiver's ack or the lease). Each of
+those ends in bounded time and returns the blocks or turns them into a ready
+request, which can be preempted; a request never needs more blocks than the
+pool has (the engine refuses it at admission). tests/test_scheduler_progress.py
+drives every interleaving of these events and checks this after each one.
+
+Reservations leave room: a remote-KV reservation also covers the slot of the
+request's first decode step (so a request whose KV arrived can always take
+its first step), and is granted only while at least `watermark` blocks stay
+free after it (room for running requests to grow without preempting), so
+reservations queue rather than evict running work.
 """
 
 from __future__ import annotations
@@ -34,6 +64,9 @@ class SchedulerConfig:
     max_num_seqs: int  # cap on running requests
     max_num_batched_tokens: int  # token budget per step
     max_model_len: int  # a request stops with "length" when it reaches this
+    # Free blocks a remote-KV reservation must leave: room for running
+    # requests to grow, so a burst of reservations does not force preemptions.
+    reservation_watermark: int = 1
 
 
 @dataclass(slots=True)
@@ -130,14 +163,17 @@ class Scheduler:
     # -- KV computed elsewhere (the decode role) --------------------------------
 
     def reserve_for_remote_kv(self, request: Request) -> bool:
-        """Reserve blocks for the whole prompt before anyone spends prefill work
-        on it. False, with nothing held, when the blocks are not there."""
+        """Reserve blocks for the whole prompt and its first decode step before
+        anyone spends prefill work on it. False, with nothing held, when the
+        blocks are not there (leaving the watermark free)."""
         rid = request.request_id
         if rid in self.requests or rid in self.held:
             raise ValueError(f"request id {rid!r} is already in use")
-        if not self.pool.can_allocate(rid, request.num_prompt_tokens):
+        tokens = request.num_prompt_tokens + 1
+        need = self.pool.num_new_blocks_needed(rid, tokens)
+        if need + self._watermark() > self.pool.num_free_blocks:
             return False
-        self.pool.allocate(rid, request.num_prompt_tokens)
+        self.pool.allocate(rid, tokens)
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.requests[rid] = request
         self.awaiting_kv[rid] = request
@@ -149,12 +185,18 @@ class Scheduler:
         first_token: int,
         logprob: float | None,
         eos_token_ids: Sequence[int],
+        kv_valid: bool = True,
     ) -> Request | None:
         """The prompt's KV is in the reserved blocks and the prefill worker
         sampled `first_token`. The request joins the queue with its prompt
-        counted as computed; returns it if the first token already ends it."""
+        counted as computed; returns it if the first token already ends it.
+        With kv_valid False the KV did not arrive whole: the blocks are
+        freed and the prompt is recomputed here (the token stays sampled)."""
         req = self.awaiting_kv.pop(request_id)
-        req.num_computed_tokens = req.num_prompt_tokens
+        if kv_valid:
+            req.num_computed_tokens = req.num_prompt_tokens
+        else:
+            self.pool.free(request_id)
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
         req.output_token_ids.append(first_token)
@@ -177,6 +219,19 @@ class Scheduler:
         """Requests that a step could work on (not those waiting for remote KV)."""
         return len(self.requests) > len(self.awaiting_kv)
 
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Blocks only an outside event frees: reservations awaiting KV and held KV."""
+        table = self.pool.block_table
+        return sum(len(table(rid)) for rid in self.awaiting_kv) + sum(
+            len(table(rid)) for rid in self.held
+        )
+
+    def _watermark(self) -> int:
+        # Never more than the pool minus one request's worth, so a lone
+        # reservation in a tiny pool is still granted.
+        return min(self.config.reservation_watermark, self.pool.num_blocks // 2)
+
     # -- one step ---------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -194,11 +249,16 @@ class Scheduler:
                 i += 1
             # else: req itself was preempted; it was the last running request.
 
-        if not out.preempted:
+        # After a preemption the freed room goes to the running batch next
+        # step, unless nothing is left running: then admission must go on now.
+        if not out.preempted or not out.scheduled:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self.pool.can_allocate(req.request_id, req.num_computed_tokens + n):
+                target = req.num_computed_tokens + n
+                if not self.pool.can_allocate(req.request_id, target) and not (
+                    not self.running and self._make_room(req, target, out.preempted)
+                ):
                     break  # FCFS: nobody overtakes the head of the queue
                 self.waiting.popleft()
                 self.pool.allocate(req.request_id, req.num_computed_tokens + n)
@@ -218,9 +278,12 @@ class Scheduler:
 
     def _reserve(self, req: Request, n: int, preempted: list[Request]) -> bool:
         """Allocate blocks for n more tokens of a running request, preempting the
-        newest running requests if needed. False if `req` itself was preempted."""
+        newest running requests if needed, then ready waiting ones (see Making
+        room). False if `req` itself was preempted."""
         target = req.num_computed_tokens + n
         while not self.pool.can_allocate(req.request_id, target):
+            if self.running[-1] is req and self._make_room(req, target, preempted):
+                break
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
@@ -229,14 +292,30 @@ class Scheduler:
         self.pool.allocate(req.request_id, target)
         return True
 
+    def _make_room(self, req: Request, target: int, preempted: list[Request]) -> bool:
+        """Free blocks of ready waiting requests (their KV came from elsewhere),
+        newest first, until `req` can grow to `target` tokens. True if it can."""
+        rid = req.request_id
+        for victim in reversed(self.waiting):
+            if self.pool.can_allocate(rid, target):
+                return True
+            if victim is not req and self.pool.block_table(victim.request_id):
+                self._drop_kv(victim)  # it keeps its place in the queue
+                preempted.append(victim)
+        return self.pool.can_allocate(rid, target)
+
     def _preempt(self, req: Request) -> None:
+        """A running request leaves the batch for the front of the queue."""
+        self._drop_kv(req)
+        self.waiting.appendleft(req)
+
+    def _drop_kv(self, req: Request) -> None:
         # Recompute, not swap: the KV is dropped and rebuilt from the known
         # tokens (prompt + generated so far) when the request runs again.
         self.pool.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(req)
         self.stats.num_preemptions += 1
 
     def update(

@@ -1,21 +1,33 @@
 """What every worker process does around its engine: the common command-line
 options, log setup, the engine on its thread with per-step metrics, the
-Prometheus endpoint, the ready file a launcher waits on, and running until
-SIGTERM/SIGINT. The gRPC server itself stays in each role's package."""
+Prometheus endpoint, the ready file a launcher waits on, gRPC health checking,
+and running until SIGTERM/SIGINT or until the engine dies. The gRPC server
+itself stays in each role's package.
+
+A worker whose engine thread died is of no use to anyone: every request it
+held has already ended with an error (engine/async_engine.py), so the process
+exits with EXIT_ENGINE_DIED and its supervisor (`splitserve serve`,
+Kubernetes) starts a new one. Never a live process that refuses all work.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from engine.args import add_engine_args, engine_config_from_args
@@ -24,6 +36,27 @@ from engine.llm_engine import LLMEngine
 from engine.metrics import EngineMetrics
 
 log = logging.getLogger("splitserve")
+
+# The exit code of a worker whose engine died (EX_SOFTWARE), for its
+# supervisor to restart it. 0: it was asked to stop; 2: a bad option or model.
+EXIT_ENGINE_DIED = 70
+# After the engine died, the event loop has this long to send the error
+# status of every open stream before the orderly shutdown begins...
+FATAL_GRACE_S = 0.5
+# ...and the process ends this long after the death, whatever still runs (a
+# gRPC server that does not stop, a thread that does not end).
+FATAL_DEADLINE_S = 5.0
+# A fault-injection hook for tests and chaos drills: when set (to N > 0), the
+# engine thread raises after its Nth step, as a real engine bug would. Read
+# once, when the engine is created; never set it in production.
+FAULT_STEP_ENV = "SPLITSERVE_FAULT_ENGINE_STEP"
+# The grpc.health.v1 service that stays SERVING while the worker drains (the
+# liveness probe: restarting a draining worker would cut its streams). The
+# overall service "" and the role's own gRPC service are the readiness ones.
+LIVENESS_SERVICE = "liveness"
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -59,19 +92,20 @@ def run_worker_main(
     prog: str,
     role: str,
     args: argparse.Namespace,
-    serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]],
+    serve: Callable[[argparse.Namespace], Coroutine[Any, Any, int | None]],
 ) -> int:
-    """Run `serve(args)` to completion; a bad model or option is one line on
-    stderr and exit code 2, not a traceback."""
+    """Run `serve(args)` to completion; its result is the exit code
+    (WorkerLife.exit_code). A bad model or option is one line on stderr and
+    exit code 2, not a traceback."""
     setup_logging(role, args.verbose)
     try:
-        asyncio.run(serve(args))
+        code = asyncio.run(serve(args))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 def setup_logging(name: str, verbose: bool = False) -> None:
@@ -82,20 +116,48 @@ def setup_logging(name: str, verbose: bool = False) -> None:
     )
 
 
-def load_engine(args: argparse.Namespace, metrics: EngineMetrics) -> AsyncEngine:
+def load_engine(
+    args: argparse.Namespace,
+    metrics: EngineMetrics,
+    on_fatal: Callable[[str], None] | None = None,
+) -> AsyncEngine:
     """The engine the options describe, on its own thread (not started yet),
-    feeding the per-step metrics. Call from the running event loop."""
+    feeding the per-step metrics; `on_fatal(message)` runs if the engine
+    thread dies (WorkerLife.engine_died in a standalone worker; a Ray replica
+    fails its health check instead). Call from the running event loop."""
+    fault_step = _fault_step()
     engine = LLMEngine(engine_config_from_args(args))
     if args.price_per_hour < 0:
         raise ValueError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
     metrics.cost.price_per_hour = args.price_per_hour
+    steps = 0
 
     def on_step(step: StepInfo) -> None:
+        nonlocal steps
         metrics.observe_step(step)
         metrics.observe_snapshot(aengine.snapshot)
+        steps += 1
+        if fault_step is not None and steps >= fault_step:
+            # Raised on the engine thread, after the step: it dies as it would of a bug.
+            raise RuntimeError(f"fault injected after {steps} engine steps ({FAULT_STEP_ENV})")
 
-    aengine = AsyncEngine(engine, asyncio.get_running_loop(), on_step=on_step)
+    if fault_step is not None:
+        log.warning("%s=%d: the engine will die after that many steps", FAULT_STEP_ENV, fault_step)
+    aengine = AsyncEngine(engine, asyncio.get_running_loop(), on_step=on_step, on_fatal=on_fatal)
     return aengine
+
+
+def _fault_step() -> int | None:
+    value = os.environ.get(FAULT_STEP_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        step = int(value)
+    except ValueError:
+        step = 0
+    if step < 1:
+        raise ValueError(f"{FAULT_STEP_ENV} must be a positive integer, got {value!r}")
+    return step
 
 
 def advertised_address(args: argparse.Namespace, port: int) -> str:
@@ -120,21 +182,100 @@ def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "12
     return int(server.server_port)
 
 
-async def announce_and_wait(
-    args: argparse.Namespace, role: str, address: str, metrics_port: int
-) -> None:
-    """Write the ready file, then wait for SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    _write_ready_file(
-        args.ready_file,
-        {"role": role, "address": address, "pid": os.getpid(), "metrics_port": metrics_port},
-    )
-    log.info("%s worker serving on %s (metrics on :%d)", role, address, metrics_port)
-    await stop.wait()
-    log.info("shutting down")
+class WorkerLife:
+    """How a standalone worker process lives and ends, and what it tells its
+    supervisor: grpc.health.v1 on its gRPC port, and its exit code.
+
+    It serves until SIGTERM/SIGINT (then it drains and exits 0) or until its
+    engine dies (then it exits EXIT_ENGINE_DIED, after FATAL_GRACE_S for the
+    open streams' error statuses to go out, and at the latest FATAL_DEADLINE_S
+    after the death). Health, per service:
+
+    - "" and the role's gRPC service (e.g. "splitserve.v1.DecodeWorker"):
+      SERVING while the engine is alive and the worker takes requests;
+      NOT_SERVING while it starts, drains, or once its engine died (readiness);
+    - "liveness": SERVING from start until the engine dies, draining included.
+
+    Create it on the running event loop.
+    """
+
+    def __init__(self, service: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stop = asyncio.Event()  # set: leave announce_and_wait and shut down
+        self.exit_code = 0
+        self.health = health.aio.HealthServicer()
+        self._ready = (health.OVERALL_HEALTH, service)
+        self._dead = False  # set on the loop once the engine died
+        self._tasks: set[asyncio.Task[None]] = set()  # referenced until the process ends
+
+    async def attach(self, server: grpc.aio.Server) -> None:
+        """Serve grpc.health.v1 on `server`; not ready until announce_and_wait."""
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self._set(self._ready, _NOT_SERVING)
+        await self._set([LIVENESS_SERVICE], _SERVING)
+
+    async def announce_and_wait(
+        self, args: argparse.Namespace, role: str, address: str, metrics_port: int
+    ) -> None:
+        """Write the ready file, report SERVING, then wait for SIGTERM or
+        SIGINT or the engine's death; health is NOT_SERVING on return."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stop.set)
+        _write_ready_file(
+            args.ready_file,
+            {"role": role, "address": address, "pid": os.getpid(), "metrics_port": metrics_port},
+        )
+        if not self._dead:
+            await self._set(self._ready, _SERVING)
+            log.info("%s worker serving on %s (metrics on :%d)", role, address, metrics_port)
+        await self.stop.wait()
+        await self._set(self._ready, _NOT_SERVING)  # readiness fails: no new requests
+        log.info("shutting down")
+
+    def drain_timeout(self, timeout_s: float) -> float:
+        """How long to wait for requests in flight: after the engine died
+        they have all ended already, so no longer than the grace."""
+        return min(timeout_s, FATAL_GRACE_S) if self._dead else timeout_s
+
+    def engine_died(self, message: str) -> None:
+        """The engine's on_fatal: runs on the engine thread once it died,
+        after every request it held has been failed."""
+        self.exit_code = EXIT_ENGINE_DIED
+        log.critical(
+            "%s; this worker exits with code %d so that its supervisor starts a new one",
+            message,
+            EXIT_ENGINE_DIED,
+        )
+        # The hard stop first: it holds whatever happens to the event loop.
+        threading.Thread(
+            target=_exit_after, args=(FATAL_DEADLINE_S,), name="fatal-exit", daemon=True
+        ).start()
+        # A closed loop raises RuntimeError: the hard stop then ends the process.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._begin_exit)
+
+    def _begin_exit(self) -> None:
+        self._dead = True
+        self._tasks.add(
+            self.loop.create_task(self._set([*self._ready, LIVENESS_SERVICE], _NOT_SERVING))
+        )
+        # The error deltas were queued before this callback: FATAL_GRACE_S
+        # lets their streams send the error status before the server stops.
+        self.loop.call_later(FATAL_GRACE_S, self.stop.set)
+
+    async def _set(self, services: Iterable[str], status: Any) -> None:
+        for service in services:
+            await self.health.set(service, status)
+
+
+def _exit_after(delay_s: float) -> None:
+    """End the process with EXIT_ENGINE_DIED `delay_s` from now, unless it
+    has exited by then (this thread is a daemon)."""
+    time.sleep(delay_s)
+    log.error("still running %.0fs after the engine died: exiting now", delay_s)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(EXIT_ENGINE_DIED)
 
 
 async def drain(busy: Callable[[], int], timeout_s: float, poll_s: float = 0.05) -> int:

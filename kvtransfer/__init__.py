@@ -3,7 +3,8 @@
 `base` holds the transport-free part: the chunk, the sender interface and the
 receiver that validates chunks against reservations and writes them into
 blocks. `grpc_backend` carries chunks over the Prefill stream of
-protos/splitserve.proto.
+protos/splitserve.proto; `channels` holds the gRPC options (keepalive,
+message size, reconnects) of every connection between router and workers.
 """
 
 from kvtransfer.base import KvChunk, KvReceiver, KvRejected, KvSender, TransferStats, send_kv

@@ -3,19 +3,29 @@
 Lifecycle of one request's KV:
 
     decode side                            prefill side
-    receiver.expect(rid, blocks, ttl)
-    ...asks the prefill side...   ───▶      send_kv(sender, rid, blocks, read_layer)
-    receiver.accept(chunk)  ◀── chunk ──     sender.send(chunk)   (layer by layer)
+    gen = receiver.expect(rid, blocks, ttl)
+    ...asks the prefill side (rid, gen)  ───▶  send_kv(sender, rid, blocks, read_layer, gen)
+    receiver.accept(chunk)   ◀── chunk ──    sender.send(chunk)   (layer by layer)
+    receiver.renew(rid, gen)   (on every sign of progress)
     receiver.is_complete(rid)  ── ack ──▶    sender.finish() -> True: free the blocks
     receiver.close(rid)
 
 A chunk is part of one layer's KV: keys and values of some blocks, with the
 destination block ids on the decode side. The receiver writes it straight
 into the decode worker's pool (which was allocated and touched at start).
+
+Every expect() opens a reservation under a fresh generation number, never
+reused in the process; the prefill side echoes it in every chunk. A chunk
+is written only into the open reservation of its request id *and*
+generation: a late chunk from an attempt that expired, failed or was
+replaced (even one for the same request id, re-expected since, maybe on
+other blocks) is rejected, never written into blocks that now belong to
+someone else.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -43,6 +53,7 @@ class KvChunk:
     block_ids: tuple[int, ...]  # destination blocks on the decode side
     key: torch.Tensor  # [len(block_ids), block_size, kv_heads, head_dim]
     value: torch.Tensor  # same shape and dtype as key
+    reservation: int = 0  # the receiver's generation for this request (0: none, never accepted)
 
     @property
     def nbytes(self) -> int:
@@ -63,9 +74,11 @@ def split_layer(
     key: torch.Tensor,
     value: torch.Tensor,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    reservation: int = 0,
 ) -> list[KvChunk]:
     """One layer's KV ([n_blocks, block_size, kv_heads, head_dim] each) as
-    chunks of whole blocks, each at most max_chunk_bytes (one block at least)."""
+    chunks of whole blocks, each at most max_chunk_bytes (one block at least),
+    each tagged with the receiver's reservation generation."""
     n = key.shape[0]
     if len(block_ids) != n or value.shape != key.shape:
         raise ValueError(
@@ -77,7 +90,8 @@ def split_layer(
     chunks = []
     for i in range(0, n, step):
         ids = tuple(block_ids[i : i + step])
-        chunks.append(KvChunk(request_id, layer, ids, key[i : i + step], value[i : i + step]))
+        k, v = key[i : i + step], value[i : i + step]
+        chunks.append(KvChunk(request_id, layer, ids, k, v, reservation))
     return chunks
 
 
@@ -102,16 +116,19 @@ async def send_kv(
     read_layer: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     num_layers: int,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    reservation: int = 0,
 ) -> tuple[bool, TransferStats]:
     """Send every layer's KV of one request, layer by layer; (acknowledged, stats).
 
     read_layer(layer) returns that layer's K and V for the request's blocks,
-    in block-table order (the same order as block_ids)."""
+    in block-table order (the same order as block_ids). `reservation` is the
+    generation the receiver gave the request (it came with the request)."""
     stats = TransferStats()
     start = time.perf_counter()
     for layer in range(num_layers):
         key, value = read_layer(layer)
-        for chunk in split_layer(request_id, layer, block_ids, key, value, max_chunk_bytes):
+        chunks = split_layer(request_id, layer, block_ids, key, value, max_chunk_bytes, reservation)
+        for chunk in chunks:
             await sender.send(chunk)
             stats.num_chunks += 1
             stats.num_bytes += chunk.nbytes
@@ -120,11 +137,18 @@ async def send_kv(
     return ok, stats
 
 
+# Reservation generations, process-wide and never reused (not even by another
+# receiver), so a chunk can only ever match the reservation it was sent for.
+_generations = itertools.count(1)
+
+
 @dataclass(slots=True)
 class _Reservation:
+    generation: int
     block_ids: tuple[int, ...]
     block_set: frozenset[int]
-    deadline: float  # time.monotonic()
+    ttl_s: float  # how long it lives without a sign of progress
+    deadline: float  # on the receiver's clock
     # Per layer, the destination blocks written so far.
     written: list[set[int]] = field(default_factory=list)
     num_bytes: int = 0
@@ -134,9 +158,11 @@ class KvReceiver:
     """Decode side: the reservations that KV may be written into.
 
     write(layer, block_ids, key, value) copies one chunk into the pool; the
-    receiver calls it only for chunks that fall inside a live reservation
-    and match the pool's layout, so a late or stray chunk can never land in
-    blocks that now belong to another request.
+    receiver calls it only for chunks that carry the request id and
+    generation of a live reservation, fall inside its blocks and match the
+    pool's layout, so a late or stray chunk can never land in blocks that
+    now belong to another request. `clock` is monotonic seconds (tests pass
+    their own).
     """
 
     def __init__(
@@ -145,27 +171,56 @@ class KvReceiver:
         num_layers: int,
         block_shape: tuple[int, ...],  # (block_size, kv_heads, head_dim)
         dtype: torch.dtype,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._write = write
         self.num_layers = num_layers
         self.block_shape = tuple(block_shape)
         self.dtype = dtype
+        self.clock = clock
         self._reservations: dict[str, _Reservation] = {}
 
-    def expect(self, request_id: str, block_ids: Sequence[int], ttl_s: float) -> None:
-        """Accept chunks for these blocks until filled, closed or ttl_s passes."""
+    def expect(
+        self,
+        request_id: str,
+        block_ids: Sequence[int],
+        ttl_s: float,
+        deadline: float | None = None,
+    ) -> int:
+        """Open a reservation: accept chunks for these blocks, carrying the
+        returned generation, until it is closed or expires. It expires ttl_s
+        after the last renew() (or at `deadline` on the receiver's clock, when
+        given: a new attempt within the time left of an earlier one). Any
+        earlier reservation of the request id is replaced: its chunks are
+        rejected from now on."""
         ids = tuple(block_ids)
+        generation = next(_generations)
         self._reservations[request_id] = _Reservation(
-            ids, frozenset(ids), time.monotonic() + ttl_s, [set() for _ in range(self.num_layers)]
+            generation,
+            ids,
+            frozenset(ids),
+            ttl_s,
+            self.clock() + ttl_s if deadline is None else deadline,
+            [set() for _ in range(self.num_layers)],
         )
+        return generation
+
+    def renew(self, request_id: str, generation: int) -> float:
+        """The prefill side made progress: the reservation lives ttl_s from
+        now. Returns the new deadline; raises KvRejected when that reservation
+        is no longer open (closed, replaced or already expired)."""
+        res = self._open(request_id, generation)
+        res.deadline = self.clock() + res.ttl_s
+        return res.deadline
+
+    def deadline(self, request_id: str) -> float | None:
+        """When the request's open reservation expires (receiver's clock)."""
+        res = self._reservations.get(request_id)
+        return res.deadline if res is not None else None
 
     def accept(self, chunk: KvChunk) -> None:
         """Validate the chunk and write it into its blocks, or raise KvRejected."""
-        res = self._reservations.get(chunk.request_id)
-        if res is None:
-            raise KvRejected(f"no reservation for request {chunk.request_id!r} (unknown or closed)")
-        if time.monotonic() > res.deadline:
-            raise KvRejected(f"the reservation for request {chunk.request_id!r} has expired")
+        res = self._open(chunk.request_id, chunk.reservation)
         if not 0 <= chunk.layer < self.num_layers:
             raise KvRejected(f"layer {chunk.layer} out of range [0, {self.num_layers})")
         if not chunk.block_ids or not res.block_set.issuperset(chunk.block_ids):
@@ -182,6 +237,20 @@ class KvReceiver:
         self._write(chunk.layer, chunk.block_ids, chunk.key, chunk.value)
         res.written[chunk.layer].update(chunk.block_ids)
         res.num_bytes += chunk.nbytes
+
+    def _open(self, request_id: str, generation: int) -> _Reservation:
+        """The live reservation of this request id and generation, or KvRejected."""
+        res = self._reservations.get(request_id)
+        if res is None:
+            raise KvRejected(f"no reservation for request {request_id!r} (unknown or closed)")
+        if generation != res.generation:
+            raise KvRejected(
+                f"request {request_id!r}: reservation {generation} is not the open one "
+                f"({res.generation}): a late chunk of an earlier attempt"
+            )
+        if self.clock() > res.deadline:
+            raise KvRejected(f"the reservation for request {request_id!r} has expired")
+        return res
 
     def is_complete(self, request_id: str) -> bool:
         """Every block of every layer has been written."""

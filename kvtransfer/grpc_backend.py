@@ -15,13 +15,16 @@ from collections.abc import Awaitable, Callable
 import torch
 
 from kvtransfer.base import KvChunk, KvRejected, KvSender, TransferStats
+from kvtransfer.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVER_OPTIONS
 from protos import splitserve_pb2 as pb
 
-# Large enough for a max-size chunk plus its header, with room to spare.
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "MAX_MESSAGE_BYTES",
+    "SERVER_OPTIONS",
+    "GrpcKvSender",
+    "chunk_from_proto",
+    "chunk_to_proto",
 ]
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32)}
@@ -36,6 +39,7 @@ def chunk_to_proto(chunk: KvChunk) -> pb.KvChunk:
         shape=list(chunk.key.shape),
         key=_tensor_bytes(chunk.key),
         value=_tensor_bytes(chunk.value),
+        reservation=chunk.reservation,
     )
 
 
@@ -61,6 +65,7 @@ def chunk_from_proto(msg: pb.KvChunk) -> KvChunk:
         block_ids=tuple(msg.block_ids),
         key=_tensor_view(msg.key, dtype, shape),
         value=_tensor_view(msg.value, dtype, shape),
+        reservation=msg.reservation,
     )
 
 

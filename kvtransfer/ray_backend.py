@@ -38,6 +38,7 @@ class RayKvPayload:
     block_ids: tuple[int, ...]  # destination blocks on the decode side
     keys: tuple[np.ndarray, ...]  # per layer: [n_blocks, block_size, kv_heads, head_dim] bits
     values: tuple[np.ndarray, ...]
+    reservation: int = 0  # the decode side's reservation generation, echoed
 
     @property
     def nbytes(self) -> int:
@@ -48,9 +49,11 @@ def pack(
     request_id: str,
     block_ids: Sequence[int],
     layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    reservation: int = 0,
 ) -> RayKvPayload:
     """Every layer's K and V (fresh tensors, e.g. from read_blocks) as numpy
-    views of their bits: no copy here; Ray copies once into the store."""
+    views of their bits: no copy here; Ray copies once into the store.
+    `reservation` is the generation that came with the request."""
     dtype = layers[0][0].dtype
     if dtype not in _BITS:
         raise ValueError(f"unsupported KV dtype {dtype}")
@@ -64,6 +67,7 @@ def pack(
         block_ids=tuple(block_ids),
         keys=tuple(bits(k) for k, _ in layers),
         values=tuple(bits(v) for _, v in layers),
+        reservation=reservation,
     )
 
 
@@ -77,8 +81,9 @@ def receive_payload(receiver: KvReceiver, payload: RayKvPayload) -> int:
     if len(payload.keys) != len(payload.values):
         raise KvRejected("keys and values have different numbers of layers")
     for layer, (k, v) in enumerate(zip(payload.keys, payload.values, strict=True)):
+        key, value = _view(k, dtype), _view(v, dtype)
         receiver.accept(
-            KvChunk(payload.request_id, layer, payload.block_ids, _view(k, dtype), _view(v, dtype))
+            KvChunk(payload.request_id, layer, payload.block_ids, key, value, payload.reservation)
         )
     return payload.nbytes
 

@@ -6,20 +6,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import grpc
-
 from engine.worker_process import (
+    WorkerLife,
     add_worker_args,
     advertised_address,
-    announce_and_wait,
     drain,
     load_engine,
     run_worker_main,
     start_metrics_server,
 )
-from kvtransfer.grpc_backend import CHANNEL_OPTIONS
+from kvtransfer.channels import SERVER_OPTIONS
+from kvtransfer.security import (
+    ClusterSecurity,
+    add_port,
+    add_security_args,
+    make_server,
+    warn_if_open,
+)
 from prefill_worker.metrics import PrefillMetrics
-from prefill_worker.server import PrefillServicer
+from prefill_worker.server import DEFAULT_KV_LEASE_S, PrefillServicer
+from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 
 
@@ -29,25 +35,40 @@ def parser() -> argparse.ArgumentParser:
         description="A prefill worker: computes prompts' KV cache and ships it to decode "
         "workers over gRPC.",
     )
+    p.add_argument(
+        "--kv-lease",
+        type=float,
+        default=DEFAULT_KV_LEASE_S,
+        help="seconds a finished prompt's KV blocks stay held for the decode worker, from "
+        "the first token to its acknowledgement; then they are freed and counted in "
+        "splitserve_kv_lease_expired_total",
+    )
     add_worker_args(p)
+    add_security_args(p)
     return p
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM (drain, then 0) or the engine's death (EXIT_ENGINE_DIED)."""
     metrics = PrefillMetrics()
-    aengine = load_engine(args, metrics.engine)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    address = advertised_address(args, server.add_insecure_port(f"{args.host}:{args.port}"))
+    life = WorkerLife(pb.DESCRIPTOR.services_by_name["PrefillWorker"].full_name)
+    security = ClusterSecurity.from_args(args)
+    aengine = load_engine(args, metrics.engine, on_fatal=life.engine_died)
+    server = make_server(security, SERVER_OPTIONS)
+    await life.attach(server)
+    address = advertised_address(args, add_port(server, f"{args.host}:{args.port}", security))
+    warn_if_open(security, "the prefill worker's gRPC port", address)
     metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
-    servicer = PrefillServicer(aengine, metrics, address, metrics_port)
+    servicer = PrefillServicer(aengine, metrics, address, metrics_port, args.kv_lease)
     pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
     aengine.start()
     await server.start()
-    await announce_and_wait(args, "prefill", address, metrics_port)
+    await life.announce_and_wait(args, "prefill", address, metrics_port)
     servicer.draining = True
-    await drain(lambda: servicer.num_calls, args.drain_timeout)
+    await drain(lambda: servicer.num_calls, life.drain_timeout(args.drain_timeout))
     await server.stop(grace=1.0)
     aengine.stop()
+    return life.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

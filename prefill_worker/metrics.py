@@ -54,3 +54,10 @@ class PrefillMetrics:
         self.requests = Counter(
             "splitserve_requests", "Requests by outcome.", ["role", "outcome"], registry=r
         )
+        self.kv_lease_expired = Counter(
+            "splitserve_kv_lease_expired",
+            "Finished prompts whose held KV blocks were freed because the decode worker "
+            "did not acknowledge the KV within the lease (--kv-lease).",
+            ["role"],
+            registry=r,
+        ).labels("prefill")

@@ -14,10 +14,19 @@ KV blocks:
 The engine thread moves on to the next prompts while this request's KV is on
 the wire, so transfer overlaps compute. Cancellation (D gone, D aborted)
 lands in the `finally`, which frees whatever the request holds.
+
+Held blocks have a lease: from the first token, D has `kv_lease_s` to take
+the KV and acknowledge it. A D that is alive but neither reads nor acks nor
+hangs up (one that vanished is noticed sooner, by keepalive) loses the KV:
+the blocks are freed, the call ends with DEADLINE_EXCEEDED, and
+splitserve_kv_lease_expired_total counts it. Every chunk carries D's
+reservation generation from the PrefillRequest, so D can tell a late chunk
+from the one it is waiting for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -30,7 +39,7 @@ import grpc
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from kvtransfer import ray_backend, send_kv
-from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES
+from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES, TransferStats
 from kvtransfer.grpc_backend import GrpcKvSender
 from prefill_worker.metrics import PrefillMetrics
 from protos import splitserve_pb2 as pb
@@ -38,6 +47,10 @@ from protos import splitserve_pb2_grpc as pb_grpc
 from protos.convert import params_from_pb, worker_status
 
 log = logging.getLogger("splitserve.prefill")
+
+# Seconds a finished prompt's blocks stay held for its decode worker, from the
+# first token to the KV's acknowledgement (--kv-lease).
+DEFAULT_KV_LEASE_S = 30.0
 
 
 class PrefillRefused(Exception):
@@ -64,12 +77,16 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         metrics: PrefillMetrics,
         address: str,
         metrics_port: int,
+        kv_lease_s: float = DEFAULT_KV_LEASE_S,
     ) -> None:
+        if kv_lease_s <= 0:
+            raise ValueError(f"the KV lease must be > 0 seconds, got {kv_lease_s}")
         self.aengine = aengine
         self.engine: LLMEngine = aengine.engine
         self.metrics = metrics
         self.address = address
         self.metrics_port = metrics_port
+        self.kv_lease_s = kv_lease_s
         self.draining = False  # set when the worker is being scaled down: new prompts go elsewhere
         self.num_calls = 0  # prefills in progress (queued, computing, or sending KV)
 
@@ -84,22 +101,27 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 first = await self._first_token(r, outcome)
             except _Refused as e:
                 await context.abort(e.code, e.message)
-            await context.write(pb.PrefillServerMessage(first_token=first))
-
-            # The request is finished and its blocks are held for us: nothing
-            # else reads or writes them until release, so the event loop may
-            # copy them out while the engine thread runs the next step.
-            table = list(self.engine.block_pool.block_table(rid))
-            runner = self.engine.runner
             sender = GrpcKvSender(rid, context.write, context.read)
-            ok, stats = await send_kv(
-                sender,
-                rid,
-                list(r.dest_block_ids),
-                lambda layer: runner.read_blocks(layer, table),
-                num_layers=len(runner.kv_caches),
-                max_chunk_bytes=r.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
-            )
+            try:
+                # The lease covers every wait on D: the first token and the
+                # chunks written into its flow-control window, and the ack.
+                async with asyncio.timeout(self.kv_lease_s):
+                    await context.write(pb.PrefillServerMessage(first_token=first))
+                    ok, stats = await self._send_kv(r, sender)
+            except TimeoutError:
+                outcome[0] = "failed"
+                self.metrics.kv_lease_expired.inc()
+                self.aengine.release_blocks(rid)  # now, not when the call is torn down
+                log.warning(
+                    "request %s: KV not acknowledged within the %gs lease: blocks freed",
+                    rid,
+                    self.kv_lease_s,
+                )
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the KV was not acknowledged within the prefill worker's "
+                    f"{self.kv_lease_s:g}s lease; its blocks were freed",
+                )
             self.metrics.kv_bytes.inc(stats.num_bytes)
             self.metrics.kv_seconds.observe(stats.seconds)
             if not ok:
@@ -107,6 +129,26 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 log.warning("request %s: KV not acknowledged: %s", rid, sender.error)
                 return
             outcome[0] = "ok"
+
+    async def _send_kv(
+        self, r: pb.PrefillRequest, sender: GrpcKvSender
+    ) -> tuple[bool, TransferStats]:
+        """Ship the held blocks of a finished prompt to D's reservation and
+        wait for its ack; (acknowledged, stats)."""
+        # The request is finished and its blocks are held for us: nothing
+        # else reads or writes them until release, so the event loop may
+        # copy them out while the engine thread runs the next step.
+        table = list(self.engine.block_pool.block_table(r.request_id))
+        runner = self.engine.runner
+        return await send_kv(
+            sender,
+            r.request_id,
+            list(r.dest_block_ids),
+            lambda layer: runner.read_blocks(layer, table),
+            num_layers=len(runner.kv_caches),
+            max_chunk_bytes=r.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
+            reservation=r.reservation,
+        )
 
     async def prefill_to_object_store(
         self, request: bytes
@@ -129,7 +171,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             runner = self.engine.runner
             layers = [runner.read_blocks(layer, table) for layer in range(len(runner.kv_caches))]
             self.aengine.abort(rid)  # copied out: free the blocks before the payload travels
-            payload = ray_backend.pack(rid, list(r.dest_block_ids), layers)
+            payload = ray_backend.pack(rid, list(r.dest_block_ids), layers, r.reservation)
             self.metrics.kv_bytes.inc(payload.nbytes)
             self.metrics.kv_seconds.observe(time.monotonic() - start)
             yield payload

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from kvtransfer.security import ClusterSecurity, add_security_args
 from router.discovery import dns_discovery
 from router.server import RouterConfig, serve
 
@@ -27,6 +28,26 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
     return n
+
+
+def _non_negative(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (> 0), got {value!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (> 0), got {value!r}")
+    return x
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,12 +122,29 @@ def _parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--migration-limit",
+        type=_non_negative,
+        default=3,
+        help="times one request may move to another decode worker when its worker fails "
+        "mid-stream (the new worker recomputes the prompt and the tokens streamed so far and "
+        "goes on); 0: the stream ends with an error event (default: %(default)s)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="end-to-end limit on one request, from its arrival: past it the request is "
+        "cancelled on its worker and answered 504 (a stream that started ends with an error "
+        "event) (default: none)",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get("SPLITSERVE_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/ (default: $SPLITSERVE_API_KEY, "
         "so a Kubernetes Secret can supply it)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_security_args(p)
     return p
 
 
@@ -123,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        security = ClusterSecurity.from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     config = RouterConfig(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -134,7 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         poll_interval_s=args.poll_interval,
         policy=args.policy,
+        migration_limit=args.migration_limit,
+        request_timeout_s=args.request_timeout,
         api_key=args.api_key or None,
+        security=security,
         discover=(
             dns_discovery(args.decode_dns, args.prefill_dns, args.decode, args.prefill)
             if args.decode_dns or args.prefill_dns

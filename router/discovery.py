@@ -10,34 +10,14 @@ error: a pool scaled to zero, or still starting, is a normal state.
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import Sequence
 
+# Shared with the decode workers, which resolve the prefill pool's name the
+# same way to know which prefill workers they may dial.
+from kvtransfer.security import resolve_all, split_host_port
 from router.pool import Discover
 
-
-def split_host_port(target: str) -> tuple[str, int]:
-    """'name:port' as (name, port); ValueError naming the target otherwise."""
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected NAME:PORT, got {target!r}")
-    return host.strip("[]"), int(port)
-
-
-async def resolve_all(target: str) -> list[str]:
-    """Every address `target` ('name:port') resolves to, as 'ip:port', sorted."""
-    host, port = split_host_port(target)
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    out = set()
-    for family, _type, _proto, _name, sockaddr in infos:
-        ip = str(sockaddr[0])
-        out.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-    return sorted(out)
+__all__ = ["dns_discovery", "resolve_all", "split_host_port"]
 
 
 def dns_discovery(

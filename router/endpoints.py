@@ -6,6 +6,12 @@ stream carrying an error. Until then, and for the whole of a non-streaming
 request, the router watches for the client going away and cancels the
 request when it does; once streaming, Starlette cancels the stream's
 generator on a disconnect, which cancels the gRPC call.
+
+With a request timeout, the whole request (reading the body included) has
+that long from its arrival: a non-streaming request, or a stream that has not
+started, is answered 504; a stream that started ends with an error event and
+[DONE]. Either way the request's event generator is cancelled, which cancels
+the gRPC call: the worker aborts the request and frees its blocks.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -28,27 +35,23 @@ from router.errors import APIError, error_body
 from router.flow import Delta, Finish, run_request
 from router.metrics import RouterMetrics
 from router.pool import WorkerPool
-from router.preprocess import (
-    Prepared,
-    ServedModel,
-    parse_as,
-    prepare_chat,
-    prepare_completion,
-    read_json,
-)
-from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.preprocess import OFF_LOOP_BYTES, Prepared, ServedModel, prepare, read_body
+from router.protocol import Endpoint
 from router.responses import ChatFormat, CompletionFormat
 from router.textstream import TokenInfo
 
 log = logging.getLogger("splitserve.router")
 
 T = TypeVar("T")
-Endpoint = Literal["completions", "chat_completions"]
 Events = AsyncIterator[Delta | Finish]
 
 
 class ClientDisconnected(Exception):
     pass
+
+
+class RequestTimedOut(Exception):
+    """The request's end-to-end timeout passed."""
 
 
 @dataclass
@@ -59,26 +62,48 @@ class Generation:
     pool: WorkerPool
     metrics: RouterMetrics
     max_body_bytes: int
+    migration_limit: int = 3  # see RouterConfig
+    request_timeout_s: float | None = None  # end to end, from arrival; None: no limit
+    # Preparing large bodies (tokenizing, templating): one thread, so the
+    # tokenizer is never entered by two large bodies at once.
+    _prep: ThreadPoolExecutor = field(
+        init=False,
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="router-prepare"),
+    )
+
+    def close(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         arrival = time.monotonic()
+        loop = asyncio.get_running_loop()
+        timeout = self.request_timeout_s
+        deadline = None if timeout is None else loop.time() + timeout
         m = self.metrics
         m.in_flight.inc()
         handed_to_stream = False
         try:
-            obj = await read_json(request, self.max_body_bytes)
-            prepared, fmt = self._prepare(obj, endpoint)
-            events = run_request(
-                self.pool, m, self.served, prepared, fmt.request_id, arrival
-            ).__aiter__()
+            async with _deadline(deadline):
+                raw = await read_body(request, self.max_body_bytes)
+                prepared, fmt = await self._prepare(raw, endpoint)
+                events = run_request(
+                    self.pool, m, self.served, prepared, fmt.request_id, arrival,
+                    migration_limit=self.migration_limit,
+                ).__aiter__()  # fmt: skip
+                if prepared.stream:
+                    first = await _until_disconnected(request, events.__anext__())
+                else:
+                    result = await _until_disconnected(request, _collect(events, fmt))
             if prepared.stream:
-                first = await _until_disconnected(request, events.__anext__())
-                body = _sse(events, first, fmt, prepared, lambda s: m.count_request(endpoint, s))
+                count = lambda s: m.count_request(endpoint, s)  # noqa: E731
+                body = _sse(events, first, fmt, prepared, count, self._timed_out, deadline)
                 handed_to_stream = True
                 return _SSEResponse(body, events, on_close=m.in_flight.dec)
-            result = await _until_disconnected(request, _collect(events, fmt))
             m.count_request(endpoint, 200)
             return JSONResponse(result)
+        except RequestTimedOut:
+            m.count_request(endpoint, 504)
+            return self._timed_out().response()
         except APIError as e:
             m.count_request(endpoint, e.status)
             return e.response()
@@ -92,17 +117,47 @@ class Generation:
             if not handed_to_stream:
                 m.in_flight.dec()
 
-    def _prepare(
-        self, obj: dict[str, Any], endpoint: Endpoint
-    ) -> tuple[Prepared, CompletionFormat]:
+    def _timed_out(self) -> APIError:
+        return APIError(
+            504,
+            f"the request did not finish within the router's request timeout "
+            f"({self.request_timeout_s:g} s)",
+            code="timeout",
+        )
+
+    async def _prepare(self, raw: bytes, endpoint: Endpoint) -> tuple[Prepared, CompletionFormat]:
+        if len(raw) < OFF_LOOP_BYTES:
+            prepared = prepare(raw, endpoint, self.served)
+        else:  # off the event loop: the other requests keep streaming meanwhile
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self._prep, prepare, raw, endpoint, self.served)
         created = int(time.time())
         if endpoint == "completions":
-            prepared = prepare_completion(parse_as(CompletionRequest, obj), self.served)
             rid = f"cmpl-{uuid.uuid4().hex}"
             return prepared, CompletionFormat(rid, created, self.served.name, prepared.logprobs)
-        prepared = prepare_chat(parse_as(ChatCompletionRequest, obj), self.served)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return prepared, ChatFormat(rid, created, self.served.name, prepared.logprobs)
+
+
+class _deadline:
+    """`async with _deadline(when)`: raise RequestTimedOut if the block is
+    still running at loop time `when` (None: never). The block is cancelled,
+    as asyncio.timeout cancels it; a TimeoutError from inside that is not the
+    deadline's passes through unchanged."""
+
+    def __init__(self, when: float | None) -> None:
+        self._timeout = asyncio.timeout_at(when)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._timeout.__aexit__(*exc)
+        except TimeoutError:
+            if self._timeout.expired():
+                raise RequestTimedOut from None
+            raise
 
 
 async def _collect(events: Events, fmt: CompletionFormat) -> dict[str, Any]:
@@ -128,8 +183,13 @@ async def _sse(
     fmt: CompletionFormat,
     prepared: Prepared,
     count: Callable[[int | str], None],
+    timed_out: Callable[[], APIError],
+    deadline: float | None,
 ) -> AsyncIterator[bytes]:
-    """The server-sent events of one stream; always ends with [DONE]."""
+    """The server-sent events of one stream; always ends with [DONE].
+
+    The deadline bounds each wait for the next event, never a yield: a
+    timeout must cancel the request's events, not Starlette sending a chunk."""
     status: int | str = 200
     try:
         for obj in fmt.start_chunks():
@@ -143,17 +203,21 @@ async def _sse(
                 break
             if ev.text or ev.tokens:
                 yield _data(fmt.chunk(ev))
-            ev = await events.__anext__()
+            async with _deadline(deadline):
+                ev = await events.__anext__()
+    except RequestTimedOut:
+        status = "timeout"
+        yield _data(timed_out().body())
     except (WorkerFailed, APIError) as e:
         status = "stream_error"
         yield _data(error_body(str(e), 502))
     except (asyncio.CancelledError, GeneratorExit):
         status = 499  # the client went away
         raise
-    except Exception as e:  # a bug: end the stream visibly rather than hang it
+    except Exception:  # a bug: end the stream visibly rather than hang it
         log.exception("stream failed")
         status = "stream_error"
-        yield _data(error_body(f"internal error: {type(e).__name__}: {e}", 500))
+        yield _data(error_body("internal error (logged by the router)", 500))
     finally:
         count(status)
     yield _DONE

@@ -5,8 +5,11 @@ and both modes (streaming or not): a `Delta` at the first token
 (possibly empty: it says the request was accepted, so a stream can answer
 200 now) and then whenever there is text or logprobs to send, and one `Finish`
 last. Errors before the first event are APIError (400, 502, 503 with
-Retry-After); after it, WorkerFailed. Closing the generator cancels the gRPC
-call.
+Retry-After); after it, WorkerFailed. A decode worker that fails mid-stream
+is replaced without a trace in the events (router/dispatch.py migrates the
+request with every token received, including those the TextAssembler still
+holds back): only `splitserve_timings.migrations` tells. Closing the
+generator cancels the gRPC call.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protos import splitserve_pb2 as pb
-from router.dispatch import DecodeCall
+from router.dispatch import DEFAULT_MIGRATION_LIMIT, DecodeCall
 from router.metrics import RouterMetrics
 from router.pool import WorkerPool
 from router.preprocess import Prepared, ServedModel
@@ -55,10 +58,12 @@ async def run_request(
     prepared: Prepared,
     request_id: str,
     arrival: float,
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT,
 ) -> AsyncIterator[Delta | Finish]:
-    """Send the request to a decode worker and turn its tokens into events."""
+    """Send the request to a decode worker and turn its tokens into events;
+    a request whose worker fails mid-stream moves up to `migration_limit` times."""
     params = prepared.params
-    call = DecodeCall(pool, metrics, request_id, prepared.prompt_ids, params)
+    call = DecodeCall(pool, metrics, request_id, prepared.prompt_ids, params, migration_limit)
     asm = TextAssembler(served.tokenizer, params.stop, logprobs=prepared.logprobs)
     first_at: float | None = None
     last_at = arrival
@@ -106,7 +111,13 @@ async def run_request(
         prompt_tokens=len(prepared.prompt_ids),
         completion_tokens=n,
         timings=_timings(
-            first_timings, final, worker, call.attempts, first_at - arrival, done - arrival
+            first_timings,
+            final,
+            worker,
+            call.attempts,
+            call.migrations,
+            first_at - arrival,
+            done - arrival,
         ),
     )
 
@@ -128,6 +139,7 @@ def _timings(
     final: pb.GenerateResponse | None,
     decode_address: str,
     attempts: int,
+    migrations: int,
     ttft_s: float,
     e2e_s: float,
 ) -> dict[str, Any]:
@@ -156,4 +168,5 @@ def _timings(
         "prefill_worker": pick("prefill_address") or decode_address,
         "decode_worker": decode_address,
         "attempts": attempts,
+        "migrations": migrations,  # times a failed decode worker's request moved on
     }

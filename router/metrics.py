@@ -27,6 +27,12 @@ Name (type, labels): meaning.
   worker (or answers 503 when none is left). reason: "full"
   (RESOURCE_EXHAUSTED), "unavailable" (the worker is down or shutting down),
   "aborted".
+- splitserve_router_migrations_total (counter; outcome): requests whose decode
+  worker failed after the first token, moved to another decode worker with the
+  tokens so far (router/dispatch.py). outcome: "ok" (the new worker streamed
+  on), "failed" (no other decode worker took it: the stream ends with an error
+  event), "limit" (it had already moved --migration-limit times). Nothing is
+  counted with --migration-limit 0.
 - splitserve_pool_cost_dollars (gauge; pool): what the pool's workers the
   router knows now have cost since each started (their price per hour times
   their uptime, from their Status).
@@ -35,14 +41,19 @@ Name (type, labels): meaning.
 - splitserve_cluster_tokens_per_dollar (gauge): output tokens of every decode
   and colocated worker per dollar of every worker, prefill included: what a
   deployment's price buys. 0 where no price is set.
+- splitserve_worker_restarts_total (counter; role): workers started again
+  after they exited (killed, or their engine died), by the supervisor that
+  reports them to the router (`splitserve serve`'s launcher; absent elsewhere).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # From 1 ms to 10 minutes, roughly x2-2.5 per bucket.
 LATENCY_BUCKETS = (
@@ -107,6 +118,12 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.migrations = Counter(
+            "splitserve_router_migrations",
+            "Requests moved to another decode worker after their first token, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
 
     def track_cost(self, workers: Callable[[], Iterable[Any]]) -> None:
         """Cost and tokens per dollar, per pool and for the cluster, computed
@@ -165,6 +182,11 @@ class RouterMetrics:
             registry=self.registry,
         ).set_function(cluster)
 
+    def track_restarts(self, restarts: Callable[[], Mapping[str, tuple[str, int]]]) -> None:
+        """splitserve_worker_restarts_total by role, read at scrape time from
+        `restarts()`: address -> (role, times restarted)."""
+        self.registry.register(_RestartCollector(restarts))
+
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
@@ -181,3 +203,23 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RestartCollector(Collector):
+    """A counter whose value the supervisor keeps (it only grows)."""
+
+    def __init__(self, restarts: Callable[[], Mapping[str, tuple[str, int]]]) -> None:
+        self.restarts = restarts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "splitserve_worker_restarts",
+            "Workers started again after they exited, by role.",
+            labels=["role"],
+        )
+        by_role: dict[str, int] = {}
+        for role, n in self.restarts().values():
+            by_role[role] = by_role.get(role, 0) + n
+        for role, n in sorted(by_role.items()):
+            family.add_metric([role], n)
+        yield family

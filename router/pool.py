@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import grpc
 
+from kvtransfer.security import ClusterSecurity, secure_channel  # keepalive, secret, TLS
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 
@@ -32,16 +33,6 @@ DECODE_ROLES = ("decode", "colocated")
 # Where the workers are now: (decode addresses, prefill addresses). Asked at
 # every poll when the pool is dynamic (Kubernetes DNS, a Ray directory).
 Discover = Callable[[], Awaitable[tuple[Sequence[str], Sequence[str]]]]
-
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-    # A worker that restarts must be reachable again within a poll or two,
-    # not after gRPC's default reconnect backoff (up to two minutes).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 @dataclass(eq=False)
@@ -58,9 +49,9 @@ class Worker:
     last_seen: float | None = None  # monotonic time of the last successful poll
     # The router's own bookkeeping, live:
     in_flight: int = 0  # D: Generate calls open to it now
-    # D: (send time, KV blocks) of calls sent; those after status_time are not
-    # yet in status.kv_blocks_free.
-    dispatched: deque[tuple[float, int]] = field(default_factory=deque)
+    # D: (send time, KV blocks, prompt tokens) of calls sent; those after
+    # status_time are not yet in the status (kv_blocks_free, waiting, ...).
+    dispatched: deque[tuple[float, int, int]] = field(default_factory=deque)
     # P: prompt tokens of requests that ranked it first and have no first token yet.
     pending_prompt_tokens: int = 0
     full_at: float = -1.0  # D: monotonic time it last answered RESOURCE_EXHAUSTED
@@ -78,8 +69,21 @@ class Worker:
         """Free KV blocks at the last poll, minus what the router sent since."""
         if self.status is None or self.full_at >= self.status_time:
             return 0  # it said it is full since the last poll: believe it until the next
-        unseen = sum(blocks for t, blocks in self.dispatched if t >= self.status_time)
+        unseen = sum(blocks for t, blocks, _ in self.dispatched if t >= self.status_time)
         return self.status.kv_blocks_free - unseen
+
+    def queue_full(self) -> bool:
+        """Whether its queue is at a bound it reported (max_waiting_requests,
+        max_waiting_prompt_tokens; 0: none), counting every request the router
+        sent since the last poll as still waiting: one more would be refused."""
+        s = self.status
+        if s is None or not (s.max_waiting_requests or s.max_waiting_prompt_tokens):
+            return False
+        unseen = [tokens for t, _, tokens in self.dispatched if t >= self.status_time]
+        if s.max_waiting_requests and s.waiting + len(unseen) >= s.max_waiting_requests:
+            return True
+        tokens = s.waiting_prompt_tokens + sum(unseen)
+        return bool(s.max_waiting_prompt_tokens) and tokens >= s.max_waiting_prompt_tokens
 
     def to_json(self, now: float) -> dict[str, Any]:
         """One row of GET /cluster."""
@@ -130,6 +134,7 @@ class WorkerPool:
         vocab_size: int | None = None,
         discover: Discover | None = None,
         policy: Literal["least_loaded", "round_robin"] = "least_loaded",
+        security: ClusterSecurity | None = None,
     ) -> None:
         self.vocab_size = vocab_size  # the router's model: workers must match it
         self.decode = [Worker(a, "decode") for a in dict.fromkeys(decode)]
@@ -138,6 +143,7 @@ class WorkerPool:
         self.poll_timeout_s = poll_timeout_s
         self.discover = discover
         self.policy = policy
+        self.security = security or ClusterSecurity()  # how to reach the workers
         self.last_discovery_error: str | None = None
         self._retired: list[Worker] = []  # removed, with calls still open
         self._started = False
@@ -155,7 +161,7 @@ class WorkerPool:
         once so the first request sees real health, then poll in the background."""
         self._started = True
         for w in self.workers:
-            w.channel = grpc.aio.insecure_channel(w.address, options=CHANNEL_OPTIONS)
+            w.channel = secure_channel(w.address, self.security)
         await self.poll_all()
         self._task = asyncio.create_task(self._poll_loop(), name="router-worker-poll")
 
@@ -219,7 +225,7 @@ class WorkerPool:
                 log.info("discovered %s worker %s", pool, address)
                 w = Worker(address, pool)
                 if self._started:
-                    w.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                    w.channel = secure_channel(address, self.security)
             kept.append(w)
         for w in by_address.values():
             log.info("%s worker %s left the pool", pool, w.address)
@@ -295,9 +301,18 @@ class WorkerPool:
         fewest requests running and queued, then round-robin.
         round_robin: in turn, skipping only those that (by the estimate)
         cannot fit the prompt.
+
+        Either way a worker whose queue is at its bound (Worker.queue_full) is
+        skipped, as it would refuse the request: when all are, the caller
+        answers 503 at once instead of asking each. The bound holds for a
+        colocated worker, and for a decode worker only while it would prefill
+        itself (the router knows no healthy prefill worker); otherwise its
+        queue waits on the prefill pool, which has its own.
         """
         candidates = [
-            (i, w) for i, w in enumerate(self.decode) if w.healthy and w.address not in exclude
+            (i, w)
+            for i, w in enumerate(self.decode)
+            if w.healthy and w.address not in exclude and not self.queue_full(w)
         ]
         if not candidates:
             return None
@@ -314,6 +329,11 @@ class WorkerPool:
             return (free < need, -free, load + w.in_flight, (i - turn) % n)
 
         return min(candidates, key=key)[1]
+
+    def queue_full(self, w: Worker) -> bool:
+        """Whether decode worker `w` would refuse a request for its queue bound
+        (see pick_decode: colocated, or no healthy prefill worker)."""
+        return (w.role == "colocated" or not self.healthy_prefill) and w.queue_full()
 
     def rank_prefill(self, decode: Worker) -> list[Worker]:
         """Healthy prefill workers for `decode` to try, best first; none for a
@@ -342,7 +362,8 @@ class WorkerPool:
     def dispatched(self, decode: Worker, prefill: Sequence[Worker], prompt_len: int) -> None:
         """Count a Generate call about to go to `decode`."""
         decode.in_flight += 1
-        decode.dispatched.append((time.monotonic(), -(-prompt_len // decode.block_size)))
+        blocks = -(-prompt_len // decode.block_size)
+        decode.dispatched.append((time.monotonic(), blocks, prompt_len))
         if prefill:
             prefill[0].pending_prompt_tokens += prompt_len
 

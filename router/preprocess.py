@@ -1,15 +1,25 @@
 """From HTTP bytes to a validated, tokenized request.
 
-`read_json` reads the body under a size limit and parses it; `parse_as`
-validates it against a protocol model; `prepare_completion` and
-`prepare_chat` tokenize and check everything that needs the model (context
-length, vocabulary) and build the engine's SamplingParams. Every problem is an
-`APIError` (400, or 413 for a body over the limit) naming the field.
+`read_body` reads the body under a size limit; `prepare` does the rest:
+`parse_json` parses it (refusing invalid Unicode, such as a lone surrogate,
+anywhere in it), `check_unsupported` refuses fields the server does not
+implement, `parse_as` validates it against a protocol model, and
+`prepare_completion` and `prepare_chat` tokenize and check everything that
+needs the model (context length, vocabulary) and build the engine's
+SamplingParams. Every problem is an `APIError` (400, or 413 for a body over
+the limit) naming the field; none carries an exception's text.
+
+`prepare` is synchronous and touches nothing but its arguments and the
+tokenizer (read-only: no truncation or padding is ever set on it), so the
+router runs it in a thread for large bodies (OFF_LOOP_BYTES): tokenizing a
+megabyte of text must not stall every other stream on the event loop.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,17 +30,29 @@ from engine.sampling_params import SamplingParams
 from router.errors import APIError, bad_request
 from router.protocol import (
     FIELD_EXPECTS,
+    UNSUPPORTED,
+    UNSUPPORTED_IN_MESSAGE,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    Endpoint,
     StreamOptions,
     TextPart,
+    is_unset,
 )
+
+log = logging.getLogger("splitserve.router")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
 _INT32_MAX = 2**31 - 1
 _UINT64_LIMIT = 2**64
+# Bodies at least this large are parsed and tokenized off the event loop
+# (below it, the work takes well under a millisecond: a thread hop would cost more).
+OFF_LOOP_BYTES = 16 << 10
+# Half of a UTF-16 surrogate pair, alone: JSON can spell it ("\ud800"),
+# Python holds it in a str, but it is not Unicode and cannot be encoded.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -60,8 +82,22 @@ class Prepared:
 # -- the body ------------------------------------------------------------------
 
 
+def prepare(raw: bytes, endpoint: Endpoint, served: ServedModel) -> Prepared:
+    """A request body, from its bytes to a request ready to send (or an APIError)."""
+    obj = parse_json(raw)
+    check_unsupported(obj, endpoint)
+    if endpoint == "completions":
+        return prepare_completion(parse_as(CompletionRequest, obj), served)
+    return prepare_chat(parse_as(ChatCompletionRequest, obj), served)
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """Read at most `limit` bytes of body and parse them as a JSON object."""
+    return parse_json(await read_body(request, limit))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read at most `limit` bytes of body (413 beyond it)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -75,7 +111,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         buf += chunk
         if len(buf) > limit:  # stop reading: a chunked body may be endless
             raise _too_large(None, limit)
-    return parse_json(bytes(buf))
+    return bytes(buf)
 
 
 def _too_large(size: int | None, limit: int) -> APIError:
@@ -100,11 +136,83 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise bad_request(
             f"malformed JSON in request body: {e.msg} (line {e.lineno}, column {e.colno})"
         ) from None
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise bad_request("malformed JSON in request body: nested too deeply") from None
+    except ValueError as e:  # only _reject_constant's, which names the constant
         raise bad_request(f"malformed JSON in request body: {e}") from None
     if not isinstance(obj, dict):
         raise bad_request(f"request body must be a JSON object, got {type(obj).__name__}")
+    _check_unicode(obj)
     return obj
+
+
+def _check_unicode(obj: dict[str, Any]) -> None:
+    """Refuse a lone surrogate in any string or key, naming where it is.
+
+    Such a string would fail later, wherever it is first encoded (the
+    tokenizer, a protobuf field, the error message that quotes it)."""
+    where = _find_surrogate(obj)
+    if where is None:
+        return
+    path, in_key = where
+    if in_key:
+        at = f"a key in '{path}'" if path else "a key of the request body"
+        raise bad_request(f"{at} holds an unpaired UTF-16 surrogate; it is not valid Unicode")
+    raise bad_request(
+        f"'{path}' holds an unpaired UTF-16 surrogate (such as \\ud800 alone); "
+        "it is not valid Unicode",
+        param=path,
+    )
+
+
+def _bad_str(s: str) -> bool:
+    return not s.isascii() and _SURROGATE.search(s) is not None
+
+
+def _find_surrogate(obj: Any) -> tuple[str, bool] | None:
+    """(path, whether it is a key) of the first string holding a surrogate, or None.
+
+    Iterative: json.loads has already bounded the depth, but the walk should
+    not spend the stack again."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _bad_str(value):
+                return path, False
+        elif isinstance(value, dict):
+            items = []
+            for key, item in value.items():
+                if _bad_str(key):
+                    return path, True
+                items.append((f"{path}.{key}" if path else key, item))
+            stack.extend(reversed(items))  # document order
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def check_unsupported(obj: dict[str, Any], endpoint: Endpoint) -> None:
+    """Refuse, by name, a field the server does not implement that holds
+    anything but its unset value (protocol.UNSUPPORTED)."""
+    for name, unset in UNSUPPORTED[endpoint].items():
+        if name in obj and not is_unset(obj[name], unset):
+            raise _unsupported(name)
+    messages = obj.get("messages") if endpoint == "chat_completions" else None
+    if not isinstance(messages, list):
+        return  # a missing or mistyped list is parse_as's to report
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        for name, unset in UNSUPPORTED_IN_MESSAGE.items():
+            if name in message and not is_unset(message[name], unset):
+                raise _unsupported(f"messages[{i}].{name}")
+
+
+def _unsupported(name: str) -> APIError:
+    return bad_request(
+        f"'{name}' is not supported by this server; leave it out or send null", param=name
+    )
 
 
 _FIELD_NAMES = frozenset(
@@ -157,6 +265,12 @@ def prepare_completion(req: CompletionRequest, served: ServedModel) -> Prepared:
         raise bad_request("best_of must be 1 (or absent)", param="best_of")
     if req.logprobs is not None and req.logprobs < 0:
         raise bad_request(f"logprobs must be >= 0, got {req.logprobs}", param="logprobs")
+    if req.logprobs is not None and req.logprobs > 1:
+        raise bad_request(
+            "logprobs > 1 (the top alternatives) is not supported; 0 or 1 return the "
+            "sampled token's log-probability",
+            param="logprobs",
+        )
     ids = _completion_prompt_ids(req.prompt, served)
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
     return _prepare(req, served, ids, max_tokens, logprobs=req.logprobs is not None)
@@ -242,7 +356,7 @@ def _chat_prompt_ids(messages: list[ChatMessage], served: ServedModel) -> list[i
     try:
         out = tok.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
     except Exception as e:  # the template is the model's code: report, don't crash
-        raise bad_request(f"the chat template failed on these messages: {e}") from None
+        raise _template_failed(e) from None
     # transformers 5 returns a BatchEncoding; older versions a list of ids.
     ids = out["input_ids"] if hasattr(out, "keys") else out
     if ids and isinstance(ids[0], list):
@@ -251,6 +365,17 @@ def _chat_prompt_ids(messages: list[ChatMessage], served: ServedModel) -> list[i
     if not ids:
         raise bad_request("the chat template produced an empty prompt", param="messages")
     return ids
+
+
+def _template_failed(e: Exception) -> APIError:
+    """A template's own refusal (`raise_exception(...)`, a TemplateError) is
+    written for the user: pass it on. Anything else is internal: log it."""
+    from jinja2.exceptions import TemplateError
+
+    if type(e) is TemplateError and str(e):
+        return bad_request(f"the chat template refused these messages: {e}", param="messages")
+    log.warning("the chat template failed: %s: %s", type(e).__name__, e)
+    return bad_request("the model's chat template failed on these messages", param="messages")
 
 
 def _prepare(

@@ -1,17 +1,23 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
 Types are strict: a string where a number belongs is an error, not coerced
-(ints are accepted for float fields). Unknown fields are ignored, as OpenAI's
-clients send fields this server does not implement (`user`, `tools`, ...).
-Range checks that need the model (context length, vocabulary) are in
+(ints are accepted for float fields). Fields that change what a request means
+and that this server does not implement (`logit_bias`, `tools`, ...) are
+refused by name unless they hold their "unset" value (UNSUPPORTED below), so
+that nothing a client asked for is silently ignored; fields that change
+nothing here (`user`, `metadata`, `store`, ...) and unknown fields are
+ignored. Range checks that need the model (context length, vocabulary) are in
 preprocess.py; the sampling ranges are checked by engine.SamplingParams.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+# The two generation routes: /v1/completions and /v1/chat/completions.
+Endpoint = Literal["completions", "chat_completions"]
 
 # A JSON number, finite; bools and numeric strings are rejected.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -27,6 +33,52 @@ FIELD_EXPECTS = {
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts",
 }
+
+
+# Fields not implemented, with the values that mean "not used" (besides null,
+# which OpenAI clients send for any unset field). A value is accepted when it
+# equals one of these and has the same JSON type (so `true` is not `1`).
+_UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),  # before tool_choice: a request with tools is refused for them
+    "tool_choice": ("none", "auto"),  # "auto" without tools calls none
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "parallel_tool_calls": (True, False),  # means nothing without tools
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    # vLLM's sampling extensions that clients of vLLM send:
+    "min_p": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "length_penalty": (1, 1.0),
+    "min_tokens": (0,),
+    "use_beam_search": (False,),
+    "prompt_logprobs": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+}
+
+UNSUPPORTED: dict[Endpoint, dict[str, tuple[Any, ...]]] = {
+    "completions": {**_UNSUPPORTED_COMMON, "suffix": ("",)},
+    "chat_completions": _UNSUPPORTED_COMMON,
+}
+# The same, for each chat message (tool calls in the history).
+UNSUPPORTED_IN_MESSAGE: dict[str, tuple[Any, ...]] = {
+    "tool_calls": ([],),
+    "function_call": (),
+}
+
+
+def is_unset(value: Any, unset: tuple[Any, ...]) -> bool:
+    """Whether `value` (parsed JSON) is null or one of the `unset` values."""
+    return value is None or any(type(value) is type(u) and value == u for u in unset)
 
 
 class _Body(BaseModel):

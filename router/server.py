@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine.config import EngineConfig, ModelConfig
+from kvtransfer.security import ClusterSecurity
 from router.endpoints import Generation
 from router.errors import APIError, install_error_handlers
 from router.metrics import RouterMetrics
@@ -45,9 +46,20 @@ class RouterConfig:
     api_key: when set, every /v1/ route requires `Authorization: Bearer <key>`
         (401 otherwise); /health, /metrics and /cluster stay open for operators.
     policy: how to pick a decode worker (router/pool.py pick_decode).
+    migration_limit: how many times one request may move to another decode
+        worker after its worker failed mid-stream (0: the stream ends with an
+        error event instead; router/dispatch.py).
     discover: when set, asked for the workers' addresses before every poll
         (Kubernetes DNS, the Ray directory); the fixed addresses are then
         only the starting point.
+    restarts: when set (`splitserve serve`, whose launcher supervises the
+        workers), address -> (role, times the worker was restarted), shown
+        on /cluster and counted in splitserve_worker_restarts_total.
+    request_timeout_s: when set, a request still running this many seconds
+        after it arrived is cancelled on its worker and answered 504 (a stream
+        that started ends with an error event and [DONE]); None: no limit.
+    security: how the router proves itself to the workers: the cluster
+        secret on every call, mTLS (kvtransfer/security.py); default: neither.
     """
 
     model: str
@@ -62,6 +74,10 @@ class RouterConfig:
     api_key: str | None = None  # if set, /v1/* requires "Authorization: Bearer <key>"
     discover: Discover | None = None
     policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    migration_limit: int = 3  # times a request may move after its decode worker failed
+    restarts: Callable[[], Mapping[str, tuple[str, int]]] | None = None
+    request_timeout_s: float | None = None  # end to end; None: no limit
+    security: ClusterSecurity = field(default_factory=ClusterSecurity)  # toward the workers
 
     @property
     def resolved_served_name(self) -> str:
@@ -100,9 +116,21 @@ def build_app(config: RouterConfig) -> FastAPI:
         vocab_size=served.vocab_size,
         discover=config.discover,
         policy=config.policy,
+        security=config.security,
     )
     metrics.track_cost(lambda: pool.workers)
-    gen = Generation(served, pool, metrics, config.max_body_bytes)
+    if config.restarts is not None:
+        metrics.track_restarts(config.restarts)
+    if config.request_timeout_s is not None and not config.request_timeout_s > 0:
+        raise ValueError(f"request_timeout_s must be > 0, got {config.request_timeout_s}")
+    gen = Generation(
+        served,
+        pool,
+        metrics,
+        config.max_body_bytes,
+        migration_limit=config.migration_limit,
+        request_timeout_s=config.request_timeout_s,
+    )
     started = int(time.time())
 
     @asynccontextmanager
@@ -111,18 +139,20 @@ def build_app(config: RouterConfig) -> FastAPI:
         try:
             yield
         finally:
+            gen.close()
             await pool.close()
 
     app = FastAPI(title="splitserve router", lifespan=lifespan)
     install_error_handlers(app)
     if config.api_key:
-        expected = f"Bearer {config.api_key}"
+        # Bytes, not str: compare_digest refuses a non-ASCII str, and a header
+        # may carry any byte (Starlette decodes it as latin-1, which encodes back).
+        expected = f"Bearer {config.api_key}".encode()
 
         @app.middleware("http")
         async def require_api_key(request: Request, call_next: Any) -> Response:
-            if request.url.path.startswith("/v1/") and not hmac.compare_digest(
-                request.headers.get("authorization", ""), expected
-            ):
+            given = request.headers.get("authorization", "").encode("latin-1")
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
                 return APIError(
                     401, "missing or wrong API key (send Authorization: Bearer <key>)",
                     code="invalid_api_key",
@@ -180,7 +210,13 @@ def build_app(config: RouterConfig) -> FastAPI:
         # requests finish must see their blocks free.
         await pool.poll_all()
         now = time.monotonic()
-        return {"workers": [w.to_json(now) for w in pool.workers]}
+        rows = [w.to_json(now) for w in pool.workers]
+        if config.restarts is None:
+            return {"workers": rows}
+        restarts = config.restarts()
+        for row in rows:
+            row["restarts"] = restarts.get(row["address"], ("", 0))[1]
+        return {"workers": rows, "restarts_total": sum(n for _, n in restarts.values())}
 
     return app
 

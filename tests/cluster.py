@@ -1,10 +1,16 @@
 """A real cluster for end-to-end tests: `splitserve serve` as a child process
-(router in it, workers as its children) on 127.0.0.1."""
+(router in it, workers as its children) on 127.0.0.1.
+
+The cluster's secret is the test's own (SPLITSERVE_CLUSTER_SECRET in the
+child's environment, which `splitserve serve` then uses instead of making
+one), so a test can talk to the workers directly: `cluster.channel(address)`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,7 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
+
+from kvtransfer.security import SECRET_ENV, ClusterSecurity, secure_channel
 
 
 def free_port() -> int:
@@ -30,8 +39,15 @@ class ServeCluster:
         self.log_path = log_path
         cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", str(model)]
         cmd += ["--port", str(self.port), *serve_args]
+        self.secret = secrets.token_urlsafe(24)  # the workers refuse calls without it
+        self.security = ClusterSecurity(secret=self.secret)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, SECRET_ENV: self.secret},
+        )
         self.worker_pids: list[int] = []
         try:
             self._wait_healthy(timeout=180)
@@ -52,6 +68,10 @@ class ServeCluster:
                     return
             time.sleep(0.3)
         raise RuntimeError(f"cluster not healthy after {timeout}s:\n{self.log()}")
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to one of the cluster's workers, carrying its secret."""
+        return secure_channel(address, self.security)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

@@ -91,13 +91,17 @@ def test_reservation_is_refused_when_full_and_frees_on_abort(tiny_llama):
     eng = llm.engine
     blocks = eng.block_pool.num_blocks
     assert blocks == 40
-    big = [5] * ((blocks - 1) * eng.config.block_size)
+    # A reservation covers the prompt and its first decode step (one more block
+    # for a prompt of whole blocks) and leaves the watermark (1 block) free.
+    big = [5] * ((blocks - 3) * eng.config.block_size)
     params = SamplingParams(temperature=0.0, max_tokens=1)
-    assert eng.reserve_remote(eng.make_request(big, params, request_id="a")) is not None
-    assert eng.block_pool.num_free_blocks == 1
-    # Backpressure: no room for a second prompt of two blocks, and nothing held.
+    table = eng.reserve_remote(eng.make_request(big, params, request_id="a"))
+    assert table is not None and len(table) == blocks - 3  # the prompt's part
+    assert eng.block_pool.num_free_blocks == 2
+    # Backpressure: a second prompt of two blocks would eat into the
+    # watermark: refused, and nothing held.
     assert eng.reserve_remote(eng.make_request([5] * 20, params, request_id="b")) is None
-    assert eng.block_pool.num_free_blocks == 1
+    assert eng.block_pool.num_free_blocks == 2
     # A request waiting for KV is not scheduled, and aborting it frees its blocks.
     assert eng.step() == []
     out = eng.abort_request("a")

@@ -1,7 +1,8 @@
 """Failures over real processes: a 2 prefill + 2 decode cluster whose workers
 are frozen (SIGSTOP) or killed (SIGKILL) under load. Nothing may hang and no
-block may stay reserved. The tests run in file order: freezing first, then
-killing a prefill worker, then a decode worker."""
+block may stay reserved, and no request is lost to a killed worker (a killed
+decode worker's streams migrate). The tests run in file order: freezing
+first, then killing a prefill worker, then a decode worker."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import signal
 import threading
 import time
 
-import grpc
 import httpx
 import pytest
 
@@ -103,7 +103,7 @@ def test_an_unfilled_reservation_expires_and_the_prompt_is_prefilled_locally(clu
         prompt = "Once upon a time"
 
         async def generate() -> list[int]:
-            async with grpc.aio.insecure_channel(decode["address"]) as ch:
+            async with cluster.channel(decode["address"]) as ch:
                 req = pb.GenerateRequest(
                     request_id="expiry-1",
                     prompt_token_ids=tok.encode(prompt),
@@ -181,11 +181,17 @@ def test_killing_a_prefill_worker_retries_its_queued_requests_elsewhere(cluster,
     assert retried >= 1, "no request was queued on the killed prefill worker"
     state = cluster.wait_idle(timeout=15)
     assert_all_blocks_free(state)
-    dead = [w for w in state["workers"] if w["pid"] == victim["pid"]]
-    assert dead and dead[0]["healthy"] is False
+    # The router marked the killed process unhealthy; by now the launcher may
+    # have started it again on its address (a new pid), healthy.
+    (same,) = [w for w in state["workers"] if w["address"] == victim["address"]]
+    assert same["pid"] != victim["pid"] or same["healthy"] is False
 
 
-def test_killing_a_decode_worker_mid_stream(cluster, offline):
+def test_killing_a_decode_worker_mid_stream_migrates_its_streams(cluster, offline):
+    """Every stream on the killed decode worker moves to the survivor with
+    the tokens it had (router/dispatch.py): no stream fails, and each one's
+    text is exactly the undisturbed run's."""
+    migrated_before = _router_metric(cluster, 'splitserve_router_migrations_total{outcome="ok"}')
     jobs = [("Once upon a time", 600), ("a b c d e f g", 600)] * 4
     results: list[list] = [[] for _ in jobs]
     threads = [
@@ -200,21 +206,30 @@ def test_killing_a_decode_worker_mid_stream(cluster, offline):
     assert all(len(r) >= 3 for r in results), "streams did not start"
     victim = cluster.workers("decode")[0]
     os.kill(victim["pid"], signal.SIGKILL)
-    killed_at = time.monotonic()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a stream hung after its worker died"
-    assert time.monotonic() - killed_at < 60
-    failed = [r for r in results if errored(r)]
-    finished = [r for r in results if not errored(r)]
-    assert failed, "no stream was on the killed decode worker"
-    assert finished, "every stream failed; those on the surviving worker should finish"
     for (prompt, m), events in zip(jobs, results, strict=True):
-        if events in finished:
-            assert events[-1] == "[DONE]"
-            assert text_of(events) == greedy(offline, prompt, m)
+        assert not errored(events), events[-3:]
+        assert events[-1] == "[DONE]"
+        assert text_of(events) == greedy(offline, prompt, m)
+    migrations = [
+        e["splitserve_timings"]["migrations"]
+        for events in results
+        for e in events
+        if isinstance(e, dict) and "splitserve_timings" in e
+    ]
+    assert len(migrations) == len(jobs)
+    assert sum(migrations) >= 1, "no stream was on the killed decode worker"
+    migrated = _router_metric(cluster, 'splitserve_router_migrations_total{outcome="ok"}')
+    assert migrated - migrated_before == sum(migrations)
     # New requests go to the survivor.
     after: list = []
     stream(cluster, "Hello", 5, after)
     assert not errored(after) and after[-1] == "[DONE]"
     assert_all_blocks_free(cluster.wait_idle(timeout=15))
+
+
+def _router_metric(cluster: ServeCluster, name: str) -> float:
+    text = httpx.get(f"{cluster.url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

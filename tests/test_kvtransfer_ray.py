@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from kvtransfer import KvReceiver, KvRejected
@@ -51,7 +52,7 @@ def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
         def __init__(self, model: str) -> None:
             self.llm = LLM(model, dtype="float32", kv_cache_bytes=8 << 20)
 
-        def prefill(self, rid: str, prompt: list[int], dest_blocks: list[int]):
+        def prefill(self, rid: str, prompt: list[int], dest_blocks: list[int], reservation: int):
             eng = self.llm.engine
             params = SamplingParams(temperature=0, max_tokens=1)
             req = eng.make_request(prompt, params, rid)
@@ -59,7 +60,7 @@ def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
             eng.add_request(req)
             (out,) = [o for _ in range(16) for o in eng.step()]
             try:
-                return out.token_ids[0], pack(rid, dest_blocks, eng.read_kv(rid))
+                return out.token_ids[0], pack(rid, dest_blocks, eng.read_kv(rid), reservation)
             finally:
                 eng.release_blocks(rid)
 
@@ -77,8 +78,8 @@ def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
     for i, prompt in enumerate(prompts):
         rid = f"r{i}"
         table = list(d_eng.reserve_remote(d_eng.make_request(prompt, params, rid)))
-        rx.expect(rid, table, ttl_s=60)
-        refs[rid] = actor.prefill.remote(rid, prompt, table)
+        reservation = rx.expect(rid, table, ttl_s=60)
+        refs[rid] = actor.prefill.remote(rid, prompt, table, reservation)
     results = {rid: ray.get(ref) for rid, ref in refs.items()}
     # The objects are ours: they outlive the prefill actor.
     ray.kill(actor)
@@ -98,6 +99,17 @@ def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
     first, payload = results["r0"]
     with pytest.raises(KvRejected, match="no reservation"):
         receive_payload(rx, payload)
+    # Nor is one for an earlier reservation of a request id reserved again.
+    again = d_eng.reserve_remote(d_eng.make_request(prompts[0], params, "r0"))
+    assert again is not None
+    rx.expect("r0", again, ttl_s=60)
+    before = [t.clone() for layer in runner.kv_caches for t in layer]
+    with pytest.raises(KvRejected, match="not the open one"):
+        receive_payload(rx, payload)
+    after = [t for layer in runner.kv_caches for t in layer]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    rx.close("r0")
+    d_eng.abort_request("r0")
 
 
 def test_local_ray_listens_on_loopback_only(local_ray):

@@ -479,6 +479,53 @@ def test_workers_args_parse_and_agree_with_ports_and_annotations(
             assert _quantity(_limits(c).get(GPU, 0)) >= 1, f"{name}: --device cuda, no GPU limit"
 
 
+def test_workers_have_grpc_health_probes_on_their_grpc_port(
+    grpc_docs: list[dict[str, Any]],
+) -> None:
+    """Readiness and liveness are Kubernetes' native gRPC probes against the
+    grpc.health.v1 service the worker really serves, on its --port."""
+    from engine.worker_process import LIVENESS_SERVICE
+    from protos import splitserve_pb2 as pb
+
+    services = {
+        "prefill_worker": pb.DESCRIPTOR.services_by_name["PrefillWorker"].full_name,
+        "decode_worker": pb.DESCRIPTOR.services_by_name["DecodeWorker"].full_name,
+    }
+    for name, (dep, module, args) in _workers(grpc_docs).items():
+        c = _container(dep["spec"]["template"])
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = c.get(kind)
+            if probe is None:
+                assert kind == "startupProbe", f"{name}: no {kind}"
+                continue
+            action = probe.get("grpc")
+            assert action is not None, f"{name}: {kind} must be a grpc probe, not {probe}"
+            # Kubernetes takes only a number here, and the worker serves
+            # grpc.health.v1 on its gRPC port.
+            assert isinstance(action["port"], int), f"{name}: {kind} port must be a number"
+            assert action["port"] == args.port, (
+                f"{name}: {kind} probes port {action['port']}, the worker's --port is {args.port}"
+            )
+            service = action.get("service", "")
+            if kind == "readinessProbe":
+                assert service in ("", services[module]), (
+                    f"{name}: readiness must ask the overall or the role's service, not {service!r}"
+                )
+            else:
+                # Not the readiness service: that one fails while the worker
+                # drains, and a restart would cut its streams.
+                assert service == LIVENESS_SERVICE, (
+                    f"{name}: {kind} must ask service {LIVENESS_SERVICE!r}, not {service!r}"
+                )
+        # Loading a model takes minutes: liveness (or the startup probe
+        # before it) must not restart a worker that is still loading.
+        first = c.get("startupProbe") or c["livenessProbe"]
+        budget = first.get("initialDelaySeconds", 0) + first.get("periodSeconds", 10) * first.get(
+            "failureThreshold", 3
+        )
+        assert budget >= 300, f"{name}: {budget}s to load the model before liveness restarts it"
+
+
 def test_workers_run_the_gpu_example_pools(
     grpc_docs: list[dict[str, Any]], gpu_config: ClusterConfig
 ) -> None:
