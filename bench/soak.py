@@ -492,14 +492,15 @@ def parse_counters(text: str, names: Sequence[str]) -> dict[str, float]:
     as NAME{outcome}) in a Prometheus text exposition."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in names:
+        if family.type != "counter":
             continue
         for sample in family.samples:
-            if not sample.name.endswith("_total"):
-                continue  # _created
-            keys = [family.name]
+            name = sample.name.removesuffix("_total")
+            if name == sample.name or name not in names:
+                continue  # _created, or another counter
+            keys = [name]
             if "outcome" in sample.labels:
-                keys.append(f"{family.name}{{{sample.labels['outcome']}}}")
+                keys.append(f"{name}{{{sample.labels['outcome']}}}")
             for key in keys:
                 out[key] = out.get(key, 0.0) + sample.value
     return out

@@ -4,9 +4,11 @@ killed and one frozen, that must lose nothing and leak nothing."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from bench import soak
 from bench.soak import Outcome, SoakConfig, StreamJudge, judge_body, plan_chaos
@@ -128,21 +130,21 @@ def test_chaos_is_fixed_by_the_seed_and_alternates():
     assert a == plan_chaos(3, 600, (30, 60), (3, 10))
     assert a != plan_chaos(4, 600, (30, 60), (3, 10))
     assert 10 <= len(a) <= 20
-    assert all(30 <= y.at_s - x.at_s <= 60 for x, y in zip(a, a[1:], strict=False))
-    assert all(x.action != y.action for x, y in zip(a, a[1:], strict=False))
+    assert all(30 <= y.at_s - x.at_s <= 60 for x, y in itertools.pairwise(a))
+    assert all(x.action != y.action for x, y in itertools.pairwise(a))
     assert all(3 <= s.freeze_s <= 10 and 0 <= s.pick < 1 for s in a)
 
 
 def test_counters_are_read_per_outcome():
-    text = (
-        "# TYPE splitserve_kv_failures counter\n"
-        'splitserve_kv_failures_total{role="decode",outcome="recomputed"} 2.0\n'
-        'splitserve_kv_failures_created{role="decode",outcome="recomputed"} 1.7e9\n'
-        'splitserve_kv_failures_total{role="decode",outcome="failed"} 1.0\n'
-        "# TYPE splitserve_decode_local_prefills counter\n"
-        'splitserve_decode_local_prefills_total{role="decode"} 5.0\n'
-    )
-    got = soak.parse_counters(text, soak.WORKER_COUNTERS)
+    registry = CollectorRegistry()
+    kv = Counter("splitserve_kv_failures", "", ["role", "outcome"], registry=registry)
+    kv.labels("decode", "recomputed").inc(2)
+    kv.labels("decode", "failed").inc()
+    Counter("splitserve_decode_local_prefills", "", ["role"], registry=registry).labels(
+        "decode"
+    ).inc(5)
+    Gauge("splitserve_decode_migrations_in_total", "", registry=registry).set(7)  # not a counter
+    got = soak.parse_counters(generate_latest(registry).decode(), soak.WORKER_COUNTERS)
     assert got == {
         "splitserve_kv_failures": 3.0,
         "splitserve_kv_failures{recomputed}": 2.0,
