@@ -1,7 +1,8 @@
 """Backpressure over real processes: a decode worker whose KV cache holds two
 long requests turns a third away (nothing reserved, no prefill spent), the
 router answers 503 with Retry-After, and the same request succeeds once the
-others finish."""
+others finish. (With the default --kv-reservation-wait the third would wait
+for room instead: tests/test_e2e_overload.py; here the wait is 0.)"""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ MAX_TOKENS = 120  # 1020 tokens in all (64 blocks); the tiny model's context is 
 def small_cache(tiny_llama, tmp_path_factory):
     # 1 MiB of KV on the tiny model is 128 blocks: two such requests, not three.
     log = tmp_path_factory.mktemp("logs") / "backpressure.log"
-    c = ServeCluster(tiny_llama, log, "--dtype", "float32", "--kv-cache-mib", "1", "--threads", "1")
+    c = ServeCluster(
+        tiny_llama,
+        log,
+        "--dtype", "float32", "--kv-cache-mib", "1", "--threads", "1",
+        "--kv-reservation-wait", "0",
+    )  # fmt: skip
     yield c
     assert c.stop() == [], "workers outlived their cluster"
 
