@@ -4,7 +4,9 @@
 receiver that validates chunks against reservations and writes them into
 blocks. `grpc_backend` carries chunks over the Prefill stream of
 protos/splitserve.proto; `channels` holds the gRPC options (keepalive,
-message size, reconnects) of every connection between router and workers.
+message size, reconnects) of every connection between router and workers;
+`security` who may call a worker (the cluster's secret, mTLS) and which
+prefill workers a decode worker may dial.
 """
 
 from kvtransfer.base import KvChunk, KvReceiver, KvRejected, KvSender, TransferStats, send_kv

@@ -224,16 +224,6 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def security_argv(security: ClusterSecurity) -> list[str]:
-    """The options that give a child process the same TLS files (the secret
-    goes through its environment, never its command line)."""
-    tls = security.tls
-    if tls is None:
-        return []
-    argv = ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
-    return argv + (["--tls-server-name", tls.server_name] if tls.server_name else [])
-
-
 # -- servers ---------------------------------------------------------------------
 
 
@@ -345,11 +335,6 @@ def secure_channel(
     return grpc.aio.secure_channel(
         address, security.tls.channel_credentials(), options=opts, interceptors=interceptors
     )
-
-
-def secret_metadata(secret: str) -> tuple[tuple[str, str], ...]:
-    """The metadata to pass by hand (e.g. a synchronous channel in a tool)."""
-    return ((SECRET_METADATA, secret),)
 
 
 class _AddSecret:

@@ -115,7 +115,7 @@ def test_a_duplicate_request_id_leaves_the_first_request_alone(tiny_llama, tmp_p
         )
 
         async def run() -> tuple[list[int], grpc.StatusCode | None]:
-            async with grpc.aio.insecure_channel(worker["address"]) as ch:
+            async with cluster.channel(worker["address"]) as ch:
                 stub = pb_grpc.DecodeWorkerStub(ch)
                 first = stub.Generate(request, timeout=60)
                 tokens = list((await first.read()).token_ids)  # the first is running

@@ -54,6 +54,7 @@ KINDS = {
     ("apps/v1", "Deployment"),
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("ray.io/v1", "RayService"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 }
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -417,6 +418,46 @@ def test_gpu_requests_equal_limits(path: Path) -> None:
             assert _limits(c).get(GPU) == requests[GPU], f"{where}: GPU request != limit"
 
 
+# Environment variables whose value must come from a Secret, never a literal.
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+# Flags that would put a secret on a command line (`ps`, the manifest itself).
+SECRET_FLAGS = ("--api-key", "--cluster-secret")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _secret_ref(container: dict[str, Any], variable: str) -> tuple[str, str] | None:
+    """(Secret name, key) that the container's `variable` comes from, if any."""
+    for env in container.get("env", []):
+        if env["name"] == variable:
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            return (ref["name"], ref["key"]) if ref else None
+    return None
+
+
+@pytest.mark.parametrize("path", K8S_FILES, ids=lambda p: p.name)
+def test_secrets_come_from_secrets_never_from_literals_or_flags(path: Path) -> None:
+    for where, template in _all_pods(_load(path)):
+        for c in template["spec"]["containers"]:
+            for env in c.get("env", []):
+                if any(word in env["name"].upper() for word in SECRET_WORDS):
+                    assert "value" not in env, f"{where}: {env['name']} is a literal"
+                    assert "secretKeyRef" in env.get("valueFrom", {}), (
+                        f"{where}: {env['name']} must come from a Secret (secretKeyRef)"
+                    )
+            for arg in [*c.get("command", []), *c.get("args", [])]:
+                assert not str(arg).startswith(SECRET_FLAGS), (
+                    f"{where}: {arg} puts a secret on the command line; use the environment"
+                )
+    for doc in _load(path):
+        if doc["kind"] != "ConfigMap":
+            continue
+        for name, text in doc["data"].items():
+            raw = yaml.safe_load(text)
+            if isinstance(raw, dict) and "pools" in raw:
+                config = ClusterConfig.model_validate(raw)
+                assert config.router.api_key is None, f"ConfigMap {name}: a literal api_key"
+
+
 # == deploy/k8s/grpc.yaml =======================================================
 
 
@@ -641,6 +682,54 @@ def test_router_readiness_uses_health_and_its_service_reaches_it(
         assert _resolve(port["targetPort"], c, "router Service") == args.port
 
 
+def test_router_and_workers_share_one_cluster_secret_and_read_it(
+    grpc_docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every process takes SPLITSERVE_CLUSTER_SECRET from the same Secret,
+    and really reads it (the variable the code reads, not a look-alike);
+    the router's API key likewise."""
+    from kvtransfer.security import SECRET_ENV, ClusterSecurity
+
+    secret = "the-cluster-secret-as-the-pod-sees-it"
+    monkeypatch.setenv(SECRET_ENV, secret)
+    refs = {}
+    for name, dep in _named(grpc_docs, "Deployment").items():
+        c = _container(dep["spec"]["template"])
+        ref = _secret_ref(c, SECRET_ENV)
+        assert ref is not None, f"{name}: no {SECRET_ENV} from a Secret: its calls are refused"
+        refs[name] = ref
+        _, args = _parse(c)
+        assert ClusterSecurity.from_args(args).secret == secret, f"{name} ignores {SECRET_ENV}"
+    assert len(set(refs.values())) == 1, f"router and workers use different secrets: {refs}"
+
+    dep, _ = _router(grpc_docs)
+    c = _container(dep["spec"]["template"])
+    key_env = "SPLITSERVE_API_KEY"
+    assert _secret_ref(c, key_env) is not None, "the router's API key must come from a Secret"
+    monkeypatch.setenv(key_env, "the-api-key-as-the-pod-sees-it")
+    _, args = _parse(c)  # the parser reads the variable when it is built
+    assert args.api_key == "the-api-key-as-the-pod-sees-it", f"the router ignores ${key_env}"
+
+
+def test_decode_workers_dial_only_the_prefill_pool_the_router_names(
+    grpc_docs: list[dict[str, Any]],
+) -> None:
+    from kvtransfer.security import known_prefill_from_args
+
+    _, router_args = _router(grpc_docs)
+    decode = [args for _, module, args in _workers(grpc_docs).values() if module == "decode_worker"]
+    assert decode
+    for args in decode:
+        # The same name as the router's: the addresses it passes are the ones
+        # the decode worker resolves (a decode worker that knows none
+        # prefills every prompt itself).
+        assert args.prefill_dns == router_args.prefill_dns, (
+            f"decode --prefill-dns {args.prefill_dns!r}, router {router_args.prefill_dns!r}"
+        )
+        assert not args.prefill_addresses, "fixed addresses go stale as the pool scales"
+        assert known_prefill_from_args(args).configured
+
+
 def test_each_worker_pool_is_autoscaled_by_keda_on_its_queue_signal(
     grpc_docs: list[dict[str, Any]], gpu_config: ClusterConfig
 ) -> None:
@@ -805,6 +894,80 @@ def test_config_map_validates_and_app_builder_builds_it(
         assert mounts, f"{where}: the model {config.model_path} is on no mounted volume"
 
 
+def test_every_ray_pod_has_the_cluster_secret_and_the_routers_key_from_secrets(
+    ray_docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Replicas and the router ingress read both from their environment,
+    and Serve may place the router on any Ray pod."""
+    from kvtransfer.security import SECRET_ENV
+
+    _, config = _ray_config(ray_docs, tmp_path)
+    key_env = config.router.api_key_env
+    assert config.router.api_key is None and key_env, "router.api_key_env, from a Secret"
+    refs: dict[str, set[tuple[str, str] | None]] = {SECRET_ENV: set(), key_env: set()}
+    for where, template in _all_pods(ray_docs):
+        c = _container(template)
+        for variable, seen in refs.items():
+            ref = _secret_ref(c, variable)
+            assert ref is not None, f"{where}: no {variable} from a Secret"
+            seen.add(ref)
+    for variable, seen in refs.items():
+        assert len(seen) == 1, f"the Ray pods take {variable} from different Secrets: {seen}"
+
+
+def _peer_is(peer: dict[str, Any], labels: dict[str, str]) -> bool:
+    selector = peer.get("podSelector", {}).get("matchLabels", {})
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def test_the_ray_dashboard_answers_only_the_operator_and_the_ray_pods(
+    ray_docs: list[dict[str, Any]],
+) -> None:
+    """KubeRay's operator talks to the dashboard over the head's Service, so
+    it cannot listen on loopback here; a NetworkPolicy must then keep
+    everyone else off the head's Ray ports, while Serve's HTTP port stays
+    open to clients."""
+    cluster = _one(ray_docs, "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    host = head.get("rayStartParams", {}).get("dashboard-host", "0.0.0.0")  # KubeRay's default
+    if host in LOOPBACK:
+        return
+    head_labels = head["template"]["metadata"]["labels"]
+    container = _container(head["template"])
+    dashboard = _resolve("dashboard", container, "ray head")
+    serve_port = _serve_config(ray_docs)["http_options"]["port"]
+    policies = [
+        p
+        for p in _named(ray_docs, "NetworkPolicy").values()
+        if p["spec"]["podSelector"].get("matchLabels", {}).items() <= head_labels.items()
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    assert policies, f"the dashboard listens on {host} and no NetworkPolicy guards the head"
+    ray_labels = [t["metadata"]["labels"] for _, t in _all_pods(ray_docs)]
+    open_to_clients = False
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            peers = rule.get("from", [])
+            if not peers:  # anyone: only Serve's HTTP port
+                assert ports and ports <= {serve_port, "serve"}, (
+                    f"NetworkPolicy {policy['metadata']['name']} opens {ports or 'every port'} "
+                    "to anyone"
+                )
+                open_to_clients = True
+                continue
+            for peer in peers:
+                assert "ipBlock" not in peer, "address ranges say nothing about who is calling"
+                ray_pods = "namespaceSelector" not in peer and all(
+                    _peer_is(peer, labels) for labels in ray_labels
+                )
+                operator = _peer_is(peer, {"app.kubernetes.io/name": "kuberay-operator"})
+                assert ray_pods or (operator and ports <= {dashboard, "dashboard"}), (
+                    f"NetworkPolicy {policy['metadata']['name']}: {peer} may reach {ports or 'all'}"
+                )
+    assert open_to_clients, f"no NetworkPolicy rule lets clients reach Serve on {serve_port}"
+
+
 def test_config_map_serves_the_gpu_example(
     ray_docs: list[dict[str, Any]], tmp_path: Path, gpu_config: ClusterConfig
 ) -> None:
@@ -931,6 +1094,20 @@ def test_ray_start_commands_agree_on_the_head_port(cluster: dict[str, Any]) -> N
     (worker,) = starts(cluster["worker_start_ray_commands"])
     address = next(a.split("=", 1)[1] for a in worker if a.startswith("--address="))
     assert address == f"$RAY_HEAD_IP:{port}", f"workers join {address}, the head listens on {port}"
+
+
+def test_the_ray_dashboard_listens_on_the_heads_loopback_only(cluster: dict[str, Any]) -> None:
+    """Whoever reaches the dashboard can run code on the cluster: reach it
+    through SSH (`ray dashboard`), never over the network."""
+    argvs = [
+        shlex.split(part) for cmd in cluster["head_start_ray_commands"] for part in cmd.split(";")
+    ]
+    (head,) = [a for a in argvs if a[:2] == ["ray", "start"]]
+    hosts = [a.split("=", 1)[1] for a in head if a.startswith("--dashboard-host=")]
+    assert hosts and all(h in LOOPBACK for h in hosts), f"--dashboard-host {hosts}"
+    assert ["ray", "dashboard", str(CLUSTER.relative_to(ROOT))] in _usage(CLUSTER), (
+        "show how to reach it"
+    )
 
 
 def test_every_node_gets_splitserve_and_a_pinned_torch(cluster: dict[str, Any]) -> None:
