@@ -74,5 +74,3 @@ def test_an_unexpected_transport_error_ends_in_a_local_prefill(tiny_llama: Path)
     assert snap.kv_blocks_free == snap.kv_blocks_total and snap.awaiting_kv == 0
     aengine.engine.block_pool.check_integrity()
     assert metrics.local_prefills._value.get() == 1
-
-
