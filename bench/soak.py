@@ -24,15 +24,16 @@ reserved for remote KV, held, running or waiting: a leak), or when a worker
 never came back; 2 for bad options or a cluster that did not start.
 
 Also reported: requests migrated to another decode worker mid-stream
-(`splitserve_timings.migrations`) and retried before their first token
-(`attempts` > 1); prompts recomputed on a decode worker, scraped from every
-decode worker's /metrics every 2 s (`splitserve_kv_failures{outcome=
-"recomputed"}`: the prefill failed after the first token; and
-`splitserve_decode_local_prefills`, which counts those too, plus prompts no
-prefill worker took at all); worker restarts (/cluster `restarts_total`); p50
-and p99 TTFT and E2E of completed requests. A restarted worker's counters
-start again at 0, so the last value read from each worker process is kept:
-what a killed worker counted in its last 2 s is missed.
+(`splitserve_timings.migrations`) and retried on another one before their
+first token (`attempts` beyond migrations + 1); prompts recomputed on a
+decode worker, scraped from every decode worker's /metrics every 2 s
+(`splitserve_kv_failures{outcome="recomputed"}`: the prefill failed after
+the first token; and `splitserve_decode_local_prefills`, which counts those
+too, plus prompts no prefill worker took at all); worker restarts (/cluster
+`restarts_total`); p50 and p99 TTFT and E2E of completed requests. A
+restarted worker's counters start again at 0, so the last value read from
+each worker process is kept: what a killed worker counted in its last 2 s
+is missed.
 
 The load reuses `splitserve bench`'s generator (bench/loadgen.py): its
 datasets and Poisson arrivals. The cluster is bench/serving.py's `splitserve
@@ -72,10 +73,11 @@ from bench import loadgen
 from bench.serving import cluster  # a `splitserve serve` cluster, ready when it yields
 
 # Requests per second that keep 1 prefill + 2 decode workers of the default
-# model (1 torch thread each, 128 MiB of KV each) busy on the 2-core
-# development machine (AMD EPYC, AVX2) with the seed dataset: measured with
-# --rate auto (closed loop, SATURATION_CONCURRENCY in flight).
-DEFAULT_RATE = 0.8
+# model (its default dtype, bfloat16 on CPU; 1 torch thread and 128 MiB of KV
+# each) busy with the seed dataset on the 2-core development machine (AMD
+# EPYC, AVX2, shared with other work: load average ~4): --rate auto measured
+# 0.28 req/s (closed loop, SATURATION_CONCURRENCY in flight; ~37 output tok/s).
+DEFAULT_RATE = 0.3
 SATURATION_CONCURRENCY = 32
 SATURATION_REQUESTS = 48
 SCRAPE_INTERVAL_S = 2.0
@@ -102,7 +104,7 @@ class SoakConfig:
     input_len: int = 128  # dataset "random" only
     output_len: int = 128  # dataset "random" only
     stream_fraction: float = 0.8  # the rest are non-streaming requests
-    request_timeout_s: float = 120.0  # past it, a request counts as lost
+    request_timeout_s: float = 300.0  # past it, a request counts as lost
     settle_timeout_s: float = 90.0  # after the load: how long workers have to become idle
     kv_cache_mib: int = 128
     threads: int = 1  # torch threads per worker
@@ -286,10 +288,11 @@ def judge_body(out: Outcome, status: int, body: bytes) -> tuple[Kind, str]:
 
 
 def group_reason(reason: str) -> str:
-    """The reason with addresses, ids and numbers blanked, so alike ones group."""
+    """The reason with addresses, ids and numbers (but an HTTP status) blanked,
+    so alike ones group."""
     reason = re.sub(r"\b\d{1,3}(\.\d{1,3}){3}:\d+\b", "ADDR", reason)
     reason = re.sub(r"\b(cmpl|chatcmpl)-[0-9a-f]+\b|\b[0-9a-f]{16,}\b", "ID", reason)
-    return re.sub(r"\d+(\.\d+)?", "N", reason)[:200]
+    return re.sub(r"(?<!HTTP )\b\d+(\.\d+)?", "N", reason)[:200]  # the status stays
 
 
 # -- sending --------------------------------------------------------------------
@@ -525,14 +528,14 @@ class Watch:
 
     async def poll(self, client: httpx.AsyncClient) -> None:
         try:
-            self.state = (await client.get(f"{self.url}/cluster")).json()
+            self.state = (await client.get(f"{self.url}/cluster", timeout=10)).json()
         except (httpx.HTTPError, ValueError):
             return
         for w in self.state.get("workers", []):
             if w.get("role") != "decode" or not (w.get("healthy") and w.get("metrics_port")):
                 continue
             try:
-                r = await client.get(f"http://127.0.0.1:{w['metrics_port']}/metrics")
+                r = await client.get(f"http://127.0.0.1:{w['metrics_port']}/metrics", timeout=2)
                 values = parse_counters(r.text, WORKER_COUNTERS)
             except (httpx.HTTPError, ValueError):
                 continue  # frozen, or just killed
@@ -583,7 +586,7 @@ async def measure_saturation(url: str, config: SoakConfig) -> float:
 
 
 async def _model_card(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
-    data = (await client.get(f"{url}/v1/models")).json()["data"]
+    data = (await client.get(f"{url}/v1/models", timeout=10)).json()["data"]
     return dict(data[0])
 
 
@@ -609,7 +612,7 @@ async def settle(client: httpx.AsyncClient, url: str, timeout_s: float) -> dict[
     state: dict[str, Any] = {}
     while True:
         with contextlib.suppress(httpx.HTTPError, ValueError):
-            state = (await client.get(f"{url}/cluster")).json()
+            state = (await client.get(f"{url}/cluster", timeout=10)).json()
             workers = state.get("workers", [])
             if workers and all(w.get("healthy") and _idle(w) for w in workers):
                 return state
@@ -634,9 +637,13 @@ class _Progress:
         counts = Counter(o.kind for o in outcomes if o.reason != "not finished")
         self.bar.n = min(self.bar.total, round(elapsed_s))
         self.bar.set_postfix(
-            sent=len(outcomes), ok=counts["completed"], failed=counts["failed"],
-            lost=counts["lost"], in_flight=pending, refresh=False,
-        )  # fmt: skip
+            sent=len(outcomes),
+            ok=counts["completed"],
+            failed=counts["failed"],
+            lost=counts["lost"],
+            in_flight=pending,
+            refresh=False,
+        )
         self.bar.refresh()
 
     def close(self) -> None:
@@ -647,6 +654,8 @@ class _Progress:
 async def soak(url: str, config: SoakConfig) -> dict[str, Any]:
     """Load, chaos, quiet period, final state: the report (without logs)."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # No read timeout: a stream may pause (a frozen worker); `send` bounds
+    # each request as a whole.
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=10)) as client:
         card = await _model_card(client, url)
         rate, measured = config.rate, None
@@ -666,45 +675,63 @@ async def soak(url: str, config: SoakConfig) -> dict[str, Any]:
         chaos = asyncio.create_task(run_chaos(url, steps, start, stop))
         outcomes: list[Outcome] = []
         tasks: list[asyncio.Task[None]] = []
-        bar = _Progress(config.progress, config.duration_s)
-
-        async def watcher() -> None:
-            while True:
-                await watch.poll(client)
-                pending = sum(not t.done() for t in tasks)
-                bar.update(time.perf_counter() - start, outcomes, pending)
-                await asyncio.sleep(SCRAPE_INTERVAL_S)
-
-        watching = asyncio.create_task(watcher())
+        watching = asyncio.create_task(_watch(client, watch, config, start, outcomes, tasks))
         try:
-            chat = f"{url}/v1/completions"
             for i, p in enumerate(plan):
-                delay = start + p.at_s - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                out = Outcome(i, p.stream, len(p.spec.prompt), p.spec.max_tokens,
-                              round(time.perf_counter() - start, 3), _wall())  # fmt: skip
+                await asyncio.sleep(max(0.0, start + p.at_s - time.perf_counter()))
+                out = Outcome(
+                    i,
+                    p.stream,
+                    len(p.spec.prompt),
+                    p.spec.max_tokens,
+                    round(time.perf_counter() - start, 3),
+                    _wall(),
+                )
                 outcomes.append(out)
-                tasks.append(asyncio.create_task(
-                    send(client, chat, str(card["id"]), p.spec, out, config.request_timeout_s)
-                ))  # fmt: skip
+                request = send(
+                    client,
+                    f"{url}/v1/completions",
+                    str(card["id"]),
+                    p.spec,
+                    out,
+                    config.request_timeout_s,
+                )
+                tasks.append(asyncio.create_task(request))
             await asyncio.sleep(max(0.0, start + config.duration_s - time.perf_counter()))
             stop.set()
-            events = await chaos
+            events = await chaos  # a freeze in progress ends first
             await asyncio.gather(*tasks)
             load_s = time.perf_counter() - start
-        finally:
+        finally:  # however it ends: no frozen worker (chaos thaws it), no task left
             stop.set()
-            watching.cancel()
-            bar.close()
-            for t in (chaos, *tasks):
+            for t in (watching, chaos, *tasks):
                 t.cancel()
-            await asyncio.gather(chaos, *tasks, watching, return_exceptions=True)
+            await asyncio.gather(watching, chaos, *tasks, return_exceptions=True)
         end = await settle(client, url, config.settle_timeout_s)
         await watch.poll(client)
-        router = (await client.get(f"{url}/metrics")).text
+        router = (await client.get(f"{url}/metrics", timeout=10)).text
     migrations = parse_counters(router, ["splitserve_router_migrations"])
     return build_report(config, rate, measured, load_s, outcomes, events, watch, end, migrations)
+
+
+async def _watch(
+    client: httpx.AsyncClient,
+    watch: Watch,
+    config: SoakConfig,
+    start: float,
+    outcomes: list[Outcome],
+    tasks: list[asyncio.Task[None]],
+) -> None:
+    """Scrape the workers' counters, and show progress, until cancelled."""
+    bar = _Progress(config.progress, config.duration_s)
+    try:
+        while True:
+            await watch.poll(client)
+            pending = sum(not t.done() for t in tasks)
+            bar.update(time.perf_counter() - start, outcomes, pending)
+            await asyncio.sleep(SCRAPE_INTERVAL_S)
+    finally:
+        bar.close()
 
 
 def build_report(
@@ -724,8 +751,20 @@ def build_report(
     leaked = [w for w in workers if w.get("healthy") and not _idle(w)]
     not_back = [w for w in workers if not w.get("healthy")]
     ok = not (by_kind["lost"] or by_kind["malformed"] or leaked or not_back) and bool(workers)
-    kept = ("role", "address", "pid", "healthy", "kv_blocks_total", "kv_blocks_free",
-            "awaiting_kv", "held", "running", "waiting", "restarts", "last_error")  # fmt: skip
+    kept = (
+        "role",
+        "address",
+        "pid",
+        "healthy",
+        "kv_blocks_total",
+        "kv_blocks_free",
+        "awaiting_kv",
+        "held",
+        "running",
+        "waiting",
+        "restarts",
+        "last_error",
+    )
     return {
         "ok": ok,
         "config": {**asdict(config), "log_dir": str(config.log_dir)},
@@ -742,6 +781,7 @@ def build_report(
         # Every request that must not happen, in full, to find in the logs.
         "lost_requests": [asdict(o) for o in by_kind["lost"]][:100],
         "malformed_requests": [asdict(o) for o in by_kind["malformed"]][:100],
+        "requests": [asdict(o) for o in outcomes],
         "migrated_requests": sum(o.migrations > 0 for o in outcomes),
         "migrations": sum(o.migrations for o in outcomes),
         # attempts counts every decode worker tried, migrations included
@@ -796,18 +836,24 @@ def format_report(r: dict[str, Any]) -> str:
     for kind in ("failed", "lost", "malformed"):
         for reason, n in r["reasons"][kind].items():
             lines.append(f"  {kind:<9} x{n:<5} {reason}")
-    lines.append(f"{'worker':<26}{'blocks free':>14}{'awaiting':>9}{'held':>6}"
-                 f"{'running':>8}{'waiting':>8}{'restarts':>9}")  # fmt: skip
+    lines.append(
+        f"{'worker':<26}{'blocks free':>14}{'awaiting':>9}{'held':>6}"
+        f"{'running':>8}{'waiting':>8}{'restarts':>9}"
+    )
     for w in r["end_workers"]:
         name = f"{w['role']} {w['address']}" + ("" if w["healthy"] else " DOWN")
         free = f"{w['kv_blocks_free']}/{w['kv_blocks_total']}"
-        lines.append(f"{name:<26}{free:>14}{w['awaiting_kv']!s:>9}{w['held']!s:>6}"
-                     f"{w['running']!s:>8}{w['waiting']!s:>8}{w.get('restarts')!s:>9}")  # fmt: skip
+        lines.append(
+            f"{name:<26}{free:>14}{w['awaiting_kv']!s:>9}{w['held']!s:>6}"
+            f"{w['running']!s:>8}{w['waiting']!s:>8}{w.get('restarts')!s:>9}"
+        )
     for e in r["chaos"]:
         what = f"{e['action']} {e['role']} {e['address']} pid {e['pid']}"
         extra = f" for {e['freeze_s']:.1f} s" if e["freeze_s"] else ""
-        lines.append(f"  chaos at {e['at_s']:6.1f} s ({e['wall']}): {what}{extra}"
-                     + ("" if e["done"] else f" NOT DONE: {e['note']}"))  # fmt: skip
+        lines.append(
+            f"  chaos at {e['at_s']:6.1f} s ({e['wall']}): {what}{extra}"
+            + ("" if e["done"] else f" NOT DONE: {e['note']}")
+        )
     problems = [
         f"{r['lost']} lost" if r["lost"] else "",
         f"{r['malformed']} malformed" if r["malformed"] else "",
@@ -816,9 +862,11 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     found = "; ".join(p for p in problems if p) or "no worker answered /cluster"
     verdict = "OK: nothing lost, nothing leaked" if r["ok"] else f"FAILED: {found}"
-    lines.append(verdict)
+    for error, n in list(r.get("worker_log_errors", {}).items())[:8]:
+        lines.append(f"  worker log ERROR x{n:<4} {error[:110]}")
     if "logs" in r:
-        lines.append(f"logs: {r['logs']['dir']}")
+        lines.append(f"logs: {r['logs']['serve']}; workers: {' '.join(r['logs']['workers'])}")
+    lines.append(verdict)
     return "\n".join(lines)
 
 
@@ -829,6 +877,19 @@ def worker_logs(serve_log: Path) -> list[str]:
     except OSError:
         return []
     return sorted(set(re.findall(r", log (\S+\.log)", text)))
+
+
+def log_errors(paths: Sequence[str]) -> dict[str, int]:
+    """ERROR lines in the workers' logs, grouped: not a verdict (a killed
+    peer is logged as one), but where to look first."""
+    found: Counter[str] = Counter()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text(errors="replace").splitlines():
+                m = re.match(r"\d\d:\d\d:\d\d ERROR (\w+)\[\d+\]: (.*)", line)
+                if m:
+                    found[f"{m[1]}: {group_reason(m[2])}"] += 1
+    return dict(found.most_common())
 
 
 def run(config: SoakConfig) -> dict[str, Any]:
@@ -845,11 +906,9 @@ def run(config: SoakConfig) -> dict[str, Any]:
     args += list(config.serve_args)
     with cluster(model, args, serve_log, config.kv_cache_mib) as url:
         report = asyncio.run(soak(url, config))
-    report["logs"] = {
-        "dir": str(log_dir),
-        "serve": str(serve_log),
-        "workers": worker_logs(serve_log),
-    }
+    workers = worker_logs(serve_log)
+    report["logs"] = {"dir": str(log_dir), "serve": str(serve_log), "workers": workers}
+    report["worker_log_errors"] = log_errors(workers)
     report["cpu"] = cpu_model()
     return report
 
@@ -898,7 +957,7 @@ def parser() -> argparse.ArgumentParser:
         default=d.rate,
         help=f"requests per second, Poisson; 'auto' measures the cluster's saturation first "
         f"(default {DEFAULT_RATE:g}: about saturation for the default model on a 2-core AMD "
-        "EPYC; measure again on another machine or model)",
+        "EPYC, where --rate auto measured 0.28; measure again on another machine or model)",
     )
     add("--seed", type=int, default=d.seed, help="of the requests, their arrivals and the chaos")
     add(
@@ -928,7 +987,8 @@ def parser() -> argparse.ArgumentParser:
         "--request-timeout",
         type=float,
         default=d.request_timeout_s,
-        help="seconds; a request with no complete answer by then is lost (default 120)",
+        help="seconds; a request with no complete answer by then is lost: a hang (default 300, "
+        "some 5x the default model's E2E p99 at saturation here)",
     )
     add(
         "--settle-timeout",

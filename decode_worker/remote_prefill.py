@@ -258,7 +258,15 @@ class GrpcPrefill:
                         await _one_attempt(call, prefill, address, receiver, clock, events, result)
                     events.put_nowait(PrefillEvent("kv_ready"))
                     return
-                except (grpc.aio.AioRpcError, PrefillFailed, KvRejected, TimeoutError) as e:
+                except (
+                    grpc.aio.AioRpcError,
+                    # A call the peer already ended, seen through an
+                    # interceptor (the cluster secret's): not an AioRpcError.
+                    asyncio.InvalidStateError,
+                    PrefillFailed,
+                    KvRejected,
+                    TimeoutError,
+                ) as e:
                     if call is not None:
                         call.cancel()
                     reason = _describe(e, address)

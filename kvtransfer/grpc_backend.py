@@ -116,7 +116,8 @@ class GrpcKvSender(KvSender):
             )
         )
         msg = await self._read_ack()
-        if msg is None or msg.WhichOneof("kind") != "ack":
+        # grpc.aio's read() says "stream closed" with its EOF sentinel, not None.
+        if not isinstance(msg, pb.PrefillClientMessage) or msg.WhichOneof("kind") != "ack":
             self.error = "the decode worker closed the stream without acknowledging"
             return False
         if not msg.ack.ok:

@@ -15,7 +15,7 @@ from decode_worker.remote_prefill import ReservationClock
 from engine import LLM, SamplingParams
 from kvtransfer import KvChunk, KvReceiver, KvRejected, KvSender, TransferStats, send_kv
 from kvtransfer.base import split_layer
-from kvtransfer.grpc_backend import chunk_from_proto, chunk_to_proto
+from kvtransfer.grpc_backend import GrpcKvSender, chunk_from_proto, chunk_to_proto
 
 BLOCK = (16, 2, 8)  # block_size, kv_heads, head_dim
 
@@ -458,3 +458,20 @@ class ReceiverMachine(RuleBasedStateMachine):
 
 ReceiverMachine.TestCase.settings = settings(max_examples=60, deadline=None)
 test_receiver_writes_only_the_open_generation = ReceiverMachine.TestCase
+
+
+def test_a_stream_closed_before_the_ack_is_no_ack():
+    """The decode side hung up while the prefill side waited for its ack:
+    grpc.aio's read() returns its EOF sentinel, which must mean "no ack"
+    (the blocks are freed), not an AttributeError in the servicer."""
+    import grpc
+
+    async def write(msg: object) -> None:
+        pass
+
+    async def read_ack() -> object:
+        return grpc.aio.EOF
+
+    sender = GrpcKvSender("r1", write, read_ack)  # type: ignore[arg-type]
+    assert asyncio.run(sender.finish(TransferStats())) is False
+    assert sender.error and "without acknowledging" in sender.error

@@ -123,6 +123,7 @@ def test_alike_reasons_group_together():
     a = soak.group_reason("HTTP 502: decode worker 127.0.0.1:4000 failed after 12.5 s")
     b = soak.group_reason("HTTP 502: decode worker 127.0.0.1:39999 failed after 3 s")
     assert a == b
+    assert a.startswith("HTTP 502: decode worker ADDR failed after N s")
 
 
 def test_chaos_is_fixed_by_the_seed_and_alternates():
