@@ -230,7 +230,7 @@ def _no_capacity_message(pool: WorkerPool, reasons: list[str]) -> str:
     if not pool.decode:
         return "no decode workers are configured"
     if "full" in reasons:
-        return "every decode worker is full (no free KV blocks); retry shortly"
+        return "every decode worker is full (no room in its KV cache or its queue); retry shortly"
     if not reasons and not pool.healthy_decode:
         return "no healthy decode worker; retry shortly"
     if pool.healthy_decode and all(map(pool.queue_full, pool.healthy_decode)):

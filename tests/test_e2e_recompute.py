@@ -12,6 +12,7 @@ Either way nothing stays reserved or held.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -43,22 +44,26 @@ async def _generate(decode: Worker, prefill: Worker, prompt: list[int]) -> list[
     return tokens
 
 
+@pytest.fixture(scope="module")
+def prefill(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    w = Worker("prefill_worker", tiny_llama, tmp_path_factory.mktemp("p"), "--dtype", "bfloat16")
+    yield w
+    w.stop()
+
+
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
-def test_kv_lost_after_the_first_token(tiny_llama: Path, tmp_path: Path, policy: str):
-    prefill = Worker("prefill_worker", tiny_llama, tmp_path, "--dtype", "bfloat16")
-    try:
-        decode = Worker(
-            "decode_worker",
-            tiny_llama,
-            tmp_path,
-            "--kv-failure-policy",
-            policy,
-            "--prefill-addresses",
-            prefill.address,
-        )
-    except BaseException:
-        prefill.stop()
-        raise
+def test_kv_lost_after_the_first_token(
+    tiny_llama: Path, tmp_path: Path, prefill: Worker, policy: str
+):
+    decode = Worker(
+        "decode_worker",
+        tiny_llama,
+        tmp_path,
+        "--kv-failure-policy",
+        policy,
+        "--prefill-addresses",
+        prefill.address,
+    )
     try:
         prompt = list(range(20, 60))
         if policy == "fail":
@@ -85,4 +90,3 @@ def test_kv_lost_after_the_first_token(tiny_llama: Path, tmp_path: Path, policy:
             assert s.kv_blocks_free == s.kv_blocks_total and not s.held and not s.awaiting_kv
     finally:
         decode.stop()
-        prefill.stop()
