@@ -90,9 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--migration-limit",
         type=int,
-        default=3,
+        default=None,
         help="times the router may move one request to another decode worker when its "
-        "worker fails mid-stream (0: the stream ends with an error event)",
+        "worker fails mid-stream (0: the stream ends with an error event; default 3, or "
+        "router.migration_limit in --config)",
+    )
+    sv.add_argument(
+        "--kv-lease",
+        type=float,
+        default=30.0,
+        help="seconds a prefill worker holds a prompt's KV for its decode worker's "
+        "acknowledgement before it frees the blocks",
     )
     sv.add_argument(
         "--request-timeout",
@@ -390,14 +398,19 @@ def _serve(args: argparse.Namespace) -> int:
 
         spec_kwargs["model"] = str(ensure_default_model())
     spec_kwargs["decode_args"] = (*spec_kwargs["decode_args"], *decode_extra)
+    spec_kwargs["prefill_args"] = (*spec_kwargs["prefill_args"], "--kv-lease", str(args.kv_lease))
     if args.request_timeout is not None and not 0 < args.request_timeout < float("inf"):
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
-    if args.migration_limit < 0:
+    if args.migration_limit is not None and args.migration_limit < 0:
         raise ValueError(f"--migration-limit must be >= 0, got {args.migration_limit}")
+    if not args.kv_lease > 0:
+        raise ValueError(f"--kv-lease must be > 0 seconds, got {args.kv_lease}")
+    spec_kwargs.setdefault("migration_limit", 3)
+    if args.migration_limit is not None:
+        spec_kwargs["migration_limit"] = args.migration_limit
     spec = ClusterSpec(
         worker_args=tuple(common),
         served_model_name=args.served_model_name,
-        migration_limit=args.migration_limit,
         **spec_kwargs,
     )
     LocalCluster(spec).serve()
@@ -455,6 +468,7 @@ def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
         api_key=args.api_key or config.router.resolved_api_key,
         policy=config.router.policy,
         request_timeout_s=_or(args.request_timeout, config.router.request_timeout_s),
+        migration_limit=config.router.migration_limit,
     )
 
 

@@ -91,6 +91,9 @@ class Router(_Strict):
     request_timeout_s: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="end-to-end limit per request (504 past it)"
     )
+    migration_limit: int = Field(
+        3, ge=0, description="times a stream may move off a failed decode worker (0: never)"
+    )
 
     @model_validator(mode="after")
     def _one_key(self) -> Router:

@@ -339,6 +339,7 @@ class RouterIngress:
                 api_key=self.config.router.resolved_api_key,
                 policy=self.config.router.policy,
                 request_timeout_s=self.config.router.request_timeout_s,
+                migration_limit=self.config.router.migration_limit,
                 max_model_len=_max_model_len(self.config),
                 discover=self._discover,
                 security=ClusterSecurity.from_env(),

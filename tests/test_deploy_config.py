@@ -80,6 +80,14 @@ BAD = {
         with_(lambda c: c["router"].update(port=70000)),
         ["router.port"],
     ),
+    "negative migration limit": (
+        with_(lambda c: c["router"].update(migration_limit=-1)),
+        ["router.migration_limit"],
+    ),
+    "zero request timeout": (
+        with_(lambda c: c["router"].update(request_timeout_s=0)),
+        ["router.request_timeout_s"],
+    ),
 }
 
 
