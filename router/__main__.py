@@ -6,11 +6,14 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from kvtransfer.security import ClusterSecurity, add_security_args
 from router.discovery import dns_discovery
 from router.server import RouterConfig, serve
+
+T = TypeVar("T", int, float)
 
 
 def _address(value: str) -> str:
@@ -20,34 +23,26 @@ def _address(value: str) -> str:
     return value
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _checked(
+    parse: Callable[[str], T], ok: Callable[[T], bool], expected: str
+) -> Callable[[str], T]:
+    """An argparse type: `parse` the text, then refuse what is not `ok`."""
+
+    def convert(value: str) -> T:
+        try:
+            x = parse(value)
+        except ValueError:
+            x = None
+        if x is None or not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+        return x
+
+    return convert
 
 
-def _non_negative(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
-    return n
-
-
-def _seconds(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds (> 0), got {value!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds (> 0), got {value!r}")
-    return x
+_positive = _checked(int, lambda n: n >= 1, "a positive integer")
+_non_negative = _checked(int, lambda n: n >= 0, "an integer >= 0")
+_seconds = _checked(float, lambda x: 0 < x < float("inf"), "seconds (> 0)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ one), so a test can talk to the workers directly: `cluster.channel(address)`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -144,3 +145,64 @@ def assert_all_blocks_free(state: dict) -> None:
         if not w["healthy"]:
             continue
         assert _idle(w), f"{w['role']} worker {w['address']} is not idle: {w}"
+
+
+class WorkerProcess:
+    """One worker process a test starts by itself (python -m MODULE) on
+    127.0.0.1, ready once its ready file exists, stopped by its own pid.
+    `secret`: the cluster secret, handed over in the environment as the
+    launchers do (never in argv); None: an open port."""
+
+    def __init__(
+        self,
+        module: str,
+        model: Path,
+        tmp: Path,
+        *extra: str,
+        name: str | None = None,
+        secret: str | None = None,
+    ) -> None:
+        name = name or module
+        ready = tmp / f"{name}.ready.json"
+        self.log_path = tmp / f"{name}.log"
+        cmd = [sys.executable, "-m", module, "--model", str(model), "--host", "127.0.0.1"]
+        cmd += ["--port", str(free_port()), "--ready-file", str(ready), *extra]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSERVE_")}
+        if secret is not None:
+            env[SECRET_ENV] = secret
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} did not start:\n{self.log()}")
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        self.address: str = info["address"]
+        self.metrics_port: int = info["metrics_port"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples whose name (with labels, if given) starts a line."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name)] in " {"
+        )
+
+    def stop(self) -> None:
+        """Only this test's own process, by its pid (woken first if frozen)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        assert not _alive(self.proc.pid)

@@ -10,18 +10,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 
 from engine import LLM, SamplingParams
@@ -29,8 +24,7 @@ from kvtransfer.channels import CHANNEL_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TI
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from protos.convert import params_to_pb
-from tests.cluster import free_port
-from tests.procs import alive
+from tests.cluster import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -39,28 +33,11 @@ TTL_S = 120.0  # far longer than keepalive: a wait that ends before it was ended
 ENGINE = ["--dtype", "float32", "--kv-cache-mib", "16", "--threads", "1"]
 
 
-class Worker:
-    """One worker process (python -m <role>_worker), ready once its ready file exists."""
+class Worker(WorkerProcess):
+    """A worker of this file's engine size, whose Status the tests read."""
 
     def __init__(self, module: str, model: Path, tmp: Path, *extra: str) -> None:
-        ready = tmp / f"{module}.ready.json"
-        self.log_path = tmp / f"{module}.log"
-        cmd = [sys.executable, "-m", module, "--model", str(model), "--host", "127.0.0.1"]
-        cmd += ["--port", str(free_port()), "--ready-file", str(ready), *ENGINE, *extra]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{module} did not start:\n{self.log()}")
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
-        self.address: str = info["address"]
-        self.metrics_port: int = info["metrics_port"]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        super().__init__(module, model, tmp, *ENGINE, *extra)
 
     def status(self, stub_class: type = pb_grpc.PrefillWorkerStub) -> pb.WorkerStatus:
         async def ask() -> pb.WorkerStatus:
@@ -68,27 +45,6 @@ class Worker:
                 return await stub_class(ch).Status(pb.StatusRequest(), timeout=10)
 
         return asyncio.run(ask())
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and line[len(name)] in " {":
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> None:
-        """Only this test's own process, by its pid."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        assert not alive(self.proc.pid)
 
 
 @pytest.fixture

@@ -19,14 +19,8 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
-import json
-import os
 import select
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +48,7 @@ from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from protos.convert import params_to_pb
 from router.pool import WorkerPool
-from tests.cluster import ServeCluster, free_port
-from tests.procs import alive
+from tests.cluster import ServeCluster, WorkerProcess
 
 SECRET = "a-test-secret-of-the-cluster-0123"
 ENGINE = ["--dtype", "float32", "--kv-cache-mib", "16", "--threads", "1", "--metrics-port", "0"]
@@ -478,56 +471,15 @@ def test_mtls_lets_in_only_clients_whose_certificate_the_cluster_ca_signed(pki):
 # -- real worker processes --------------------------------------------------------
 
 
-class Proc:
-    """One worker process (python -m MODULE), ready once its ready file is."""
-
-    def __init__(
-        self, module: str, model: Path, tmp: Path, name: str, *extra: str, secret: str | None
-    ) -> None:
-        ready = tmp / f"{name}.ready.json"
-        self.log_path = tmp / f"{name}.log"
-        cmd = [sys.executable, "-m", module, "--model", str(model), "--host", "127.0.0.1"]
-        cmd += ["--port", str(free_port()), "--ready-file", str(ready), *ENGINE, *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSERVE_")}
-        if secret is not None:
-            env[SECRET_ENV] = secret  # as the launchers hand it over: never in argv
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 180
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{name} did not start:\n{self.log()}")
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
-        self.address: str = info["address"]
-        self.metrics_port: int = info["metrics_port"]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and line[len(name)] in " {"
-        )
-
-    def stop(self) -> None:
-        """Only this test's own process, by its pid."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        assert not alive(self.proc.pid)
+def Proc(
+    module: str, model: Path, tmp: Path, name: str, *extra: str, secret: str | None
+) -> WorkerProcess:
+    """A worker of this file's engine size."""
+    return WorkerProcess(module, model, tmp, *ENGINE, *extra, name=name, secret=secret)
 
 
 @contextlib.contextmanager
-def processes(*procs: Proc) -> Iterator[None]:
+def processes(*procs: WorkerProcess) -> Iterator[None]:
     try:
         yield
     finally:
