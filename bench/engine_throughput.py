@@ -16,10 +16,11 @@ seed from the seed workload's {32, 40, 50, 64, 80, 96, 200, 512}, each exact
 Also reported: the engine's average running batch, and where engine wall
 time goes: the model's forward pass (with the LM head), sampling, and the
 rest (scheduler, input preparation, stop checks, Python), overall and in a
-steady decode phase at batch 64 (side by side: the C decode kernel against
-the PyTorch attention path, and bfloat16 against float32).
+steady decode phase at batch 16 and 64 (side by side: oneDNN-packed linear
+layers against nn.Linear's MKL path, the C decode kernel against the PyTorch
+attention path, and bfloat16 against float32).
 
-    python bench/engine_throughput.py                 # small preset, bf16
+    python bench/engine_throughput.py                 # default model and dtype
     python bench/engine_throughput.py --num-requests 64 --model DIR
 """
 
@@ -160,22 +161,25 @@ def steady_step(llm: LLM, batch: int, steps: int, vocab: int) -> dict[str, float
 
 
 def compare_steady(model_dir: str, vocab: int, batch: int, steps: int) -> dict[str, dict]:
-    """Side by side, interleaved twice: the defaults (bfloat16, C decode kernel)
-    against the PyTorch attention path and against float32."""
-    variants = {  # name: (dtype, attention backend)
-        "bfloat16+cpu-kernel": ("bfloat16", "cpu"),
-        "bfloat16+torch-attention": ("bfloat16", "torch"),
-        "float32+cpu-kernel": ("float32", "cpu"),
+    """Side by side, interleaved twice: float32 with the C decode kernel and
+    oneDNN-packed linears (the default on CPUs without native bfloat16)
+    against nn.Linear (MKL), the PyTorch attention path, and bfloat16."""
+    variants = {  # name: (dtype, attention backend, linear backend)
+        "float32+cpu-kernel+onednn": ("float32", "cpu", "onednn"),
+        "float32+cpu-kernel+mkl": ("float32", "cpu", "torch"),
+        "float32+torch-attention+onednn": ("float32", "torch", "onednn"),
+        "bfloat16+cpu-kernel": ("bfloat16", "cpu", "torch"),
     }
     llms = {
         name: LLM(
             model_dir,
             dtype=dtype,
             attention_backend=backend,
+            linear_backend=linear,
             kv_cache_bytes=512 * 2**20,
             max_num_seqs=batch,
         )
-        for name, (dtype, backend) in variants.items()
+        for name, (dtype, backend, linear) in variants.items()
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for _ in range(2):
@@ -189,7 +193,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", help="model directory (default: the built-in small model)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the engine's dtype; auto (the default) picks what this CPU runs fastest",
+    )
     ap.add_argument("--num-requests", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--static-batch", type=int, default=8)
@@ -197,7 +206,12 @@ def main() -> int:
     ap.add_argument("--kv-cache-mib", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baseline", action="store_true", help="engine figures only")
-    ap.add_argument("--skip-steady", action="store_true", help="skip the batch-64 step comparisons")
+    ap.add_argument("--skip-steady", action="store_true", help="skip the decode-step comparisons")
+    ap.add_argument(
+        "--steady-batches",
+        default="16,64",
+        help="running batch sizes of the side-by-side decode-step comparisons",
+    )
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
 
@@ -211,9 +225,12 @@ def main() -> int:
         max_num_seqs=args.max_num_seqs,
     )
     vocab = llm.engine.model_config.vocab_size
+    dtype = llm.engine.runner.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
     w = Workload.seeded(args.num_requests, vocab, args.prompt_len, args.seed)
     print(
-        f"{len(w.prompts)} requests, {w.output_tokens} output tokens, dtype {args.dtype}, "
+        f"{len(w.prompts)} requests, {w.output_tokens} output tokens, dtype {dtype_name} "
+        f"({args.dtype}), linear layers {llm.engine.runner.linear_backend}, "
         f"torch threads {torch.get_num_threads()}",
         flush=True,
     )
@@ -233,16 +250,17 @@ def main() -> int:
         flush=True,
     )
     del llm  # free the engine's KV cache before the next runs
-    if not args.skip_steady:
-        steady = compare_steady(model_dir, vocab, batch=64, steps=24)
-        result["steady_batch64"] = steady
+    for batch in [] if args.skip_steady else [int(b) for b in args.steady_batches.split(",")]:
+        steady = compare_steady(model_dir, vocab, batch=batch, steps=24)
+        result[f"steady_batch{batch}"] = steady
         for name, r in steady.items():
             print(
-                f"steady batch 64, {name:25s} {r['step_ms']:6.1f} ms/step, {shares_text(r)}",
+                f"steady batch {batch}, {name:30s} {r['step_ms']:6.1f} ms/step, "
+                f"{shares_text(r)}",
                 flush=True,
             )
     if not args.skip_baseline:
-        base_s = run_static_baseline(model_dir, w, getattr(torch, args.dtype), args.static_batch)
+        base_s = run_static_baseline(model_dir, w, dtype, args.static_batch)
         base_tps = w.output_tokens / base_s
         result["baseline"] = {"seconds": base_s, "tokens_per_s": base_tps}
         result["ratio"] = engine_tps / base_tps

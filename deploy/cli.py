@@ -15,6 +15,11 @@ log = logging.getLogger("splitserve")
 DEFAULT_STATE_FILE = os.path.join(
     os.environ.get("SPLITSERVE_STATE_DIR", "~/.splitserve"), "up.json"
 )
+DTYPE_HELP = (
+    "auto (default): bfloat16 on a CPU that runs it natively (AMX or AVX512-BF16), "
+    "float32 on other CPUs, the checkpoint's dtype on GPU; the choice and why are logged "
+    "at startup (and shown on /cluster)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--block-size", type=int, default=16)
-    sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sv.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help=DTYPE_HELP,
+    )
     sv.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
     sv.add_argument(
         "--stream-interval",
@@ -299,7 +309,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help=DTYPE_HELP,
+    )
     gen.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory (MiB)")
     gen.add_argument("--max-num-seqs", type=int, default=64)
     gen.add_argument("--max-num-batched-tokens", type=int, default=2048)

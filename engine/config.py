@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from engine.dtype_choice import DTYPES, DtypeChoice, choose_dtype
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UnsupportedModelError(ValueError):
@@ -154,7 +155,9 @@ class EngineConfig:
     """How the engine runs a model. Derived sizes are properties."""
 
     model: str
-    dtype: str = "auto"  # "auto": bfloat16 on CPU (AMX makes it fastest), else the model's
+    # "auto": bfloat16 on a CPU with AMX/AVX512-BF16, float32 on other CPUs, the
+    # checkpoint's dtype on GPU (engine/dtype_choice.py says why)
+    dtype: str = "auto"
     device: str = "auto"  # "auto": cuda when available, else cpu
     block_size: int = 16
     kv_cache_bytes: int = 512 * 2**20
@@ -164,6 +167,10 @@ class EngineConfig:
     # Decode attention: "auto" picks "triton" on CUDA, "cpu" (the C kernel)
     # on CPU, falling back to "torch" (the PyTorch path) where unavailable.
     attention_backend: str = "auto"
+    # Linear layers: "auto" packs them for oneDNN on CPU in float32 (twice as
+    # fast as nn.Linear's MKL path on the CPUs measured; engine/model/packed_linear.py),
+    # "torch" keeps nn.Linear, "onednn" insists on packing.
+    linear_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -178,6 +185,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
             raise ValueError("attention_backend must be 'auto', 'torch', 'cpu' or 'triton'")
+        if self.linear_backend not in ("auto", "torch", "onednn"):
+            raise ValueError("linear_backend must be 'auto', 'torch' or 'onednn'")
 
     @cached_property
     def torch_device(self) -> torch.device:
@@ -185,12 +194,12 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def dtype_choice(self, model: ModelConfig) -> DtypeChoice:
+        """The dtype the engine runs `model` in, with the reason for it."""
+        return choose_dtype(self.dtype, self.torch_device, model.torch_dtype)
+
     def torch_dtype(self, model: ModelConfig) -> torch.dtype:
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if self.torch_device.type == "cpu":
-            return torch.bfloat16
-        return DTYPES.get(model.torch_dtype or "", torch.bfloat16)
+        return self.dtype_choice(model).dtype
 
     def resolved_max_model_len(self, model: ModelConfig) -> int:
         limit = model.max_position_embeddings

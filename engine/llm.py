@@ -22,14 +22,18 @@ class LLM:
     """A paged, continuously batched engine over a local Hugging Face model.
 
     model: a model directory; None builds (once) and uses the built-in default.
-    dtype: "auto" (bfloat16 on CPU, the model's dtype on GPU), "float32",
-        "bfloat16" or "float16".
+    dtype: "float32", "bfloat16", "float16" or "auto": on CPU bfloat16 where
+        the CPU runs it natively (AMX or AVX512-BF16), else float32; on GPU
+        the checkpoint's dtype (float16 for bfloat16 on a GPU without it).
+        The choice and its reason are logged (engine/dtype_choice.py).
     kv_cache_bytes: memory for the KV cache; it sets how many blocks exist.
     block_size: tokens per KV block (a power of two).
     max_num_seqs: the most requests in the running batch.
     max_num_batched_tokens: the token budget of one step (prefill chunks
         and decode tokens together).
     max_model_len: the context length (default: the model's).
+    attention_backend, linear_backend: the kernels (EngineConfig says which
+        "auto" picks); for side-by-side measurements.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class LLM:
         max_model_len: int | None = None,
         device: str = "auto",
         attention_backend: str = "auto",
+        linear_backend: str = "auto",
     ) -> None:
         if model is None:
             from engine.builtin_model import ensure_default_model
@@ -60,8 +65,10 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 attention_backend=attention_backend,
+                linear_backend=linear_backend,
             )
         )
+        log.info("dtype: %s", self.engine.config.dtype_choice(self.engine.model_config).describe())
 
     @property
     def tokenizer(self) -> Any:

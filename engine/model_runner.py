@@ -42,6 +42,7 @@ class ModelRunner:
         self.max_model_len = engine_config.resolved_max_model_len(model_config)
         self.model = load_model(model_config, self.dtype, self.device, self.max_model_len)
         self.model.decode_attention = self._pick_decode_attention(engine_config.attention_backend)
+        self.linear_backend = self._pack_linears(engine_config.linear_backend)
         self.num_blocks = engine_config.num_kv_blocks(model_config)
         if self.num_blocks < 1:
             raise ValueError(
@@ -79,6 +80,19 @@ class ModelRunner:
         idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         k_cache.index_copy_(0, idx, k.to(device=self.device, dtype=k_cache.dtype))
         v_cache.index_copy_(0, idx, v.to(device=self.device, dtype=v_cache.dtype))
+
+    def _pack_linears(self, backend: str) -> str:
+        """Pack the linear layers' weights for oneDNN where that is the faster
+        GEMM (CPU, float32); the backend the layers run on."""
+        from engine.model import packed_linear
+
+        usable = packed_linear.onednn_available(self.dtype, self.device)
+        if backend == "onednn" and not usable:
+            raise ValueError("linear_backend='onednn' needs a CPU device, float32 and oneDNN")
+        if backend == "torch" or not usable:
+            return "torch"
+        packed_linear.pack_linears(self.model)
+        return "onednn"
 
     def _pick_decode_attention(self, backend: str) -> DecodeAttentionFn:
         """The decode-attention function: the Triton kernel on CUDA, the C

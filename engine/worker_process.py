@@ -127,6 +127,7 @@ def load_engine(
     fails its health check instead). Call from the running event loop."""
     fault_step = _fault_step()
     engine = LLMEngine(engine_config_from_args(args))
+    log.info("dtype: %s", engine.config.dtype_choice(engine.model_config).describe())
     if args.price_per_hour < 0:
         raise ValueError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
     metrics.cost.price_per_hour = args.price_per_hour

@@ -53,6 +53,7 @@ def worker_status(
     """A worker's Status answer from its engine's latest snapshot."""
     snap = aengine.snapshot
     engine = aengine.engine
+    dtype = engine.config.dtype_choice(engine.model_config)
     return pb.WorkerStatus(
         role=role,
         address=address,
@@ -75,4 +76,6 @@ def worker_status(
         max_num_seqs=engine.config.max_num_seqs,
         cost_dollars=cost_dollars,
         tokens_produced=tokens_produced,
+        dtype=dtype.name,
+        dtype_reason=dtype.reason,
     )

@@ -53,7 +53,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "address", "pid", "model", "max_model_len", "block_size", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "waiting_prompt_tokens", "awaiting_kv", "held", "metrics_port", "num_steps", "mean_batch_size", "num_preemptions", "vocab_size", "max_num_seqs", "cost_dollars", "tokens_produced", "max_waiting_requests", "max_waiting_prompt_tokens")
+    __slots__ = ("role", "address", "pid", "model", "max_model_len", "block_size", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "waiting_prompt_tokens", "awaiting_kv", "held", "metrics_port", "num_steps", "mean_batch_size", "num_preemptions", "vocab_size", "max_num_seqs", "cost_dollars", "tokens_produced", "max_waiting_requests", "max_waiting_prompt_tokens", "dtype", "dtype_reason")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class WorkerStatus(_message.Message):
     TOKENS_PRODUCED_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
     role: str
     address: str
     pid: int
@@ -100,7 +102,9 @@ class WorkerStatus(_message.Message):
     tokens_produced: int
     max_waiting_requests: int
     max_waiting_prompt_tokens: int
-    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prompt_tokens: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., held: _Optional[int] = ..., metrics_port: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., cost_dollars: _Optional[float] = ..., tokens_produced: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_waiting_prompt_tokens: _Optional[int] = ...) -> None: ...
+    dtype: str
+    dtype_reason: str
+    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prompt_tokens: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., held: _Optional[int] = ..., metrics_port: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., cost_dollars: _Optional[float] = ..., tokens_produced: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_waiting_prompt_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., dtype_reason: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_addresses", "resume_token_ids")

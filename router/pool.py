@@ -107,6 +107,9 @@ class Worker:
             "num_preemptions": s.num_preemptions if s else None,
             "max_model_len": s.max_model_len if s else None,
             "max_num_seqs": s.max_num_seqs if s else None,
+            # "" from a worker older than these fields: unknown.
+            "dtype": (s.dtype or None) if s else None,
+            "dtype_reason": (s.dtype_reason or None) if s else None,
             "cost_dollars": round(s.cost_dollars, 6) if s else None,
             "tokens_produced": s.tokens_produced if s else None,
             "router_in_flight": self.in_flight,

@@ -75,10 +75,10 @@ def test_generate_prints_completion_and_throughput(cli_env, model_dir):
         assert int(m.group(1)) == 8
     assert re.search(r"^\d+ tokens in \d+\.\d+s \(\d+ tok/s\)$", out, re.M), out
 
-    # The completion is the engine's, for the CLI's default (auto = bfloat16 on CPU).
+    # The completion is the engine's, in the dtype the CLI's default (auto) picks here.
     from engine import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), dtype="bfloat16", kv_cache_bytes=2**20)
+    llm = LLM(str(model_dir), dtype="auto", kv_cache_bytes=2**20)
     want = llm.generate(
         "hello world", SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False
     )[0]

@@ -192,6 +192,9 @@ def test_scale_down_drains_streams_in_flight(ray_up):
 
 def test_openai_client_greedy_equals_offline(ray_up):
     assert_greedy_equals_offline(ray_up)
+    # Replicas report their dtype as standalone workers do; the config asks for float32.
+    for w in [*ray_up.pools()["prefill"], *ray_up.pools()["decode"]]:
+        assert (w["dtype"], w["dtype_reason"]) == ("float32", "requested")
 
 
 def assert_greedy_equals_offline(ray_up: RayUp) -> dict:

@@ -352,3 +352,5 @@ def test_cluster_endpoint_shape(disagg):
             assert key in w
         assert w["healthy"] is True and w["pid"] in disagg.worker_pids
         assert w["kv_blocks_total"] > 0
+        # WORKER_ARGS ask for float32: an explicit dtype wins over `auto`.
+        assert (w["dtype"], w["dtype_reason"]) == ("float32", "requested")
