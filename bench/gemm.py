@@ -24,7 +24,6 @@ import json
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,7 +117,9 @@ def main() -> int:
                 for lib, fn in fns.items():
                     best[lib] = min(best[lib], best_ms(fn, args.reps))
             flops = 2 * m * k * n
-            cells = ", ".join(f"{lib} {ms:.2f} ms ({flops / ms / 1e6:.0f} GF/s)" for lib, ms in best.items())
+            cells = ", ".join(
+                f"{lib} {ms:.2f} ms ({flops / ms / 1e6:.0f} GF/s)" for lib, ms in best.items()
+            )
             print(f"  {name:8s} {m}x{k} @ {k}x{n} (x{count}): {cells}")
             for lib, ms in best.items():
                 step[lib] = step.get(lib, 0.0) + ms * count

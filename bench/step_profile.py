@@ -32,7 +32,7 @@ from engine import LLM, SamplingParams
 _KINDS = {
     "gemm": ("linear", "addmm", "mm", "matmul", "_linear_pointwise", "_mkl_linear"),
     "attention": ("paged_decode", "index_copy", "index_put", "scaled_dot_product", "softmax"),
-    "sampling": ("argmax", "topk", "multinomial", "log_softmax", "gather", "sort"),
+    "sampling": ("sample", "argmax", "topk", "multinomial", "log_softmax", "gather", "sort"),
 }
 
 
@@ -49,7 +49,9 @@ def profile_batch(llm: LLM, batch: int, steps: int, trace: str | None) -> dict[s
     vocab = eng.model_config.vocab_size
     rng = random.Random(1)
     sp = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
-    reqs = [eng.make_request([rng.randrange(16, vocab) for _ in range(128)], sp) for _ in range(batch)]
+    reqs = [
+        eng.make_request([rng.randrange(16, vocab) for _ in range(128)], sp) for _ in range(batch)
+    ]
     for r in reqs:
         eng.add_request(r)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
@@ -73,9 +75,15 @@ def profile_batch(llm: LLM, batch: int, steps: int, trace: str | None) -> dict[s
         gemm_flops += ev.flops or 0
     cfg = eng.model_config
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_token = cfg.num_layers * (
-        cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
-    ) + cfg.hidden_size * cfg.vocab_size
+    per_token = (
+        cfg.num_layers
+        * (
+            cfg.hidden_size * (q + 2 * kv)
+            + q * cfg.hidden_size
+            + 3 * cfg.hidden_size * cfg.intermediate_size
+        )
+        + cfg.hidden_size * cfg.vocab_size
+    )
     flops = 2 * per_token * batch
     ops_ms = sum(by_kind.values())
     return {
@@ -110,11 +118,20 @@ def main() -> int:
     # profiler: label it so its time is counted as attention.
     attend = runner.model.decode_attention
 
-    def labelled_attention(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+    def labelled_attention(*a, **kw):
         with torch.profiler.record_function("paged_decode_attention"):
             return attend(*a, **kw)
 
     runner.model.decode_attention = labelled_attention
+    from engine import sampler  # the greedy argmax is a ctypes kernel too
+
+    sample = sampler.sample
+
+    def labelled_sample(*a, **kw):
+        with torch.profiler.record_function("sample"):
+            return sample(*a, **kw)
+
+    sampler.sample = labelled_sample
     print(
         f"dtype {str(runner.dtype).removeprefix('torch.')}, linear layers {runner.linear_backend}, "
         f"torch threads {torch.get_num_threads()}"
@@ -123,8 +140,9 @@ def main() -> int:
         r = profile_batch(llm, b, args.steps, args.trace)
         print(
             f"batch {b:3d}: {r['step_ms']:6.1f} ms/step = gemm {r['gemm_ms']:.1f} "
-            f"({r['gemm_gflops']:.0f} GFLOP/s) + attention {r['attention_ms']:.1f} + elementwise "
-            f"{r['elementwise_ms']:.1f} + sampling {r['sampling_ms']:.1f} + python {r['python_ms']:.1f}"
+            f"({r['gemm_gflops']:.0f} GFLOP/s) + attention {r['attention_ms']:.1f} "
+            f"+ elementwise {r['elementwise_ms']:.1f} + sampling {r['sampling_ms']:.1f} "
+            f"+ python {r['python_ms']:.1f}"
         )
     return 0
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from engine import LLM, SamplingParams
+from engine.model import packed_linear
 from engine.model.llama import AttentionBatch, PrefillChunk
 from tests.conftest import ARCH_VARIANTS, assert_engine_clean
 
@@ -40,6 +41,10 @@ def test_greedy_tokens_equal_transformers(model_dirs, variant):
     # All submitted at once: prefill chunks (budget 128) ride along with decodes.
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.scheduler.stats.mean_running > 4
+    # On a CPU the default packs the linear layers for oneDNN: that path is the one proven here.
+    runner = llm.engine.runner
+    packed = packed_linear.onednn_available(runner.dtype, runner.device)
+    assert runner.linear_backend == ("onednn" if packed else "torch")
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"prompt of {len(prompt)}"
         assert out.finish_reason == "length"
@@ -47,11 +52,22 @@ def test_greedy_tokens_equal_transformers(model_dirs, variant):
     assert_engine_clean(llm)
 
 
+@pytest.mark.parametrize("linear_backend", ["torch", "onednn"])
 @pytest.mark.parametrize("variant", list(ARCH_VARIANTS))
-def test_prompt_logits_match_transformers(model_dirs, variant):
+def test_prompt_logits_match_transformers(model_dirs, variant, linear_backend):
     path = model_dirs[variant]
+    if linear_backend == "onednn" and not packed_linear.onednn_available(
+        torch.float32, torch.device("cpu")
+    ):
+        pytest.skip("this torch build has no oneDNN")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    llm = LLM(str(path), dtype="float32", kv_cache_bytes=8 * 2**20)
+    llm = LLM(
+        str(path),
+        dtype="float32",
+        device="cpu",
+        kv_cache_bytes=8 * 2**20,
+        linear_backend=linear_backend,
+    )
     runner, pool = llm.engine.runner, llm.engine.block_pool
     prompt = prompts_for(hf.config.vocab_size)[-2]  # 96 tokens: past the window of 48
     # One prefill through the paged cache, logits at every position.
