@@ -255,8 +255,7 @@ def main() -> int:
         result[f"steady_batch{batch}"] = steady
         for name, r in steady.items():
             print(
-                f"steady batch {batch}, {name:30s} {r['step_ms']:6.1f} ms/step, "
-                f"{shares_text(r)}",
+                f"steady batch {batch}, {name:30s} {r['step_ms']:6.1f} ms/step, {shares_text(r)}",
                 flush=True,
             )
     if not args.skip_baseline:

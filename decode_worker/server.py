@@ -36,9 +36,8 @@ from decode_worker.remote_prefill import (
     PrefillResult,
     PrefillTransport,
 )
-from engine.async_engine import AsyncEngine, TokenDelta
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.async_engine import AsyncEngine
+from engine.outputs import RequestOutput, TokenDelta
 from engine.request import Request
 from kvtransfer import KvReceiver
 from protos import splitserve_pb2 as pb
@@ -147,7 +146,6 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         prefill_transport: PrefillTransport | None = None,
     ) -> None:
         self.aengine = aengine
-        self.engine: LLMEngine = aengine.engine
         self.metrics = metrics
         self.address = address
         self.metrics_port = metrics_port
@@ -155,10 +153,10 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self.options = options
         self.kv_reservation_ttl_s = options.kv_reservation_ttl_s
         self.stream_interval = options.stream_interval
-        runner = self.engine.runner
-        k_cache = runner.kv_caches[0][0]  # [num_blocks, block_size, kv_heads, head_dim]
+        layout = aengine.kv_layout
+        # Chunks are written on the event loop, straight into the reservation.
         self.receiver = KvReceiver(
-            runner.write_blocks, len(runner.kv_caches), tuple(k_cache.shape[1:]), k_cache.dtype
+            aengine.write_kv, layout.num_layers, layout.block_shape, layout.dtype
         )
         self.prefill = prefill_transport or GrpcPrefill()
         self.draining = False  # being scaled down: refuse new requests, finish the rest
@@ -238,14 +236,14 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         rid = request.request_id
         try:
             params = params_from_pb(request.sampling_params)
-            req = self.engine.make_request(list(request.prompt_token_ids), params, rid)
+            req = self.aengine.make_request(request.prompt_token_ids, params, rid)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
         resumed = list(request.resume_token_ids)
         if resumed:  # migrated from a failed decode worker: recompute it all here
             if len(resumed) >= params.max_tokens or req.num_prompt_tokens + len(resumed) >= (
-                self.engine.max_model_len
+                self.aengine.max_model_len
             ):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -315,7 +313,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 self.receiver,
                 req,
                 table,
-                self.engine.config.block_size,
+                self.aengine.kv_layout.block_size,
                 addresses,
                 self.kv_reservation_ttl_s,  # from now, renewed by the prefill's progress
                 events,
@@ -377,7 +375,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             log.warning("request %s: recomputing the prompt here after: %s", rid, error)
             return self.aengine.remote_kv_done(rid, first.token_id, first.logprob, kv_valid=False)
         self.aengine.abort(rid)  # frees the reservation
-        local = self.engine.make_request(req.prompt_token_ids, req.sampling_params, rid)
+        local = self.aengine.make_request(req.prompt_token_ids, req.sampling_params, rid)
         local.arrival_time = req.arrival_time
         self.metrics.prefill_retries.labels(self.role, "local_fallback").inc()
         self.metrics.local_prefills.inc()

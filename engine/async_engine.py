@@ -1,16 +1,28 @@
-"""The engine on its own thread, driven from an asyncio event loop.
+"""The engine on its own thread, driven from an asyncio event loop: the
+workers' only way into engine state.
 
 A worker's event loop serves RPCs; the engine thread runs schedule/run/
 post-process as long as there is work. The engine thread is the only owner
-of the LLMEngine (scheduler, block pool): the event loop changes it only by
-queueing a command, which runs between two steps. After each step the new
-tokens of every request go back to the loop in one call, as TokenDeltas on
-each request's queue.
+of the LLMEngine (scheduler, block pool, KV pool): the event loop changes it
+only by queueing a command, which runs between two steps. After each step
+the new tokens of every request go back to the loop in one call, as
+TokenDeltas on each request's queue.
 
-Two things the loop may do directly, because they touch no engine state
-that the thread changes: copy KV into blocks reserved for a request that is
-waiting for remote KV (the scheduler never schedules it, so no step reads or
-writes those blocks), and copy KV out of a finished request's held blocks.
+Nothing outside engine/ touches the LLMEngine: servicers, KV transports and
+deployments use AsyncEngine's methods, so the engine can move into a process
+of its own behind the same interface. The loop uses these directly, with no
+hop to the engine thread:
+
+- what is fixed at start: `kv_layout`, `max_model_len`, `config`,
+  `model_config`, and `make_request` (validation against those);
+- `write_kv`: copy KV into blocks reserved for a request that is waiting for
+  remote KV (the scheduler never schedules it, so no step reads or writes
+  those blocks);
+- `read_kv`: copy KV out of a finished request's held blocks (no step
+  touches them until `release` or `abort`).
+
+Both check that the blocks are still reserved or held, so a late copy fails
+instead of landing in blocks that belong to another request by now.
 """
 
 from __future__ import annotations
@@ -24,55 +36,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_access import DirectKv, KvLayout
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import EngineSnapshot, StepInfo, TokenDelta
 from engine.request import Request
+from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("splitserve")
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class TokenDelta:
-    """New tokens of one request since its previous delta."""
-
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[float]
-    finished: RequestOutput | None = None  # set on the request's last delta
-    error: str | None = None  # the engine failed; the request is over
-
-
-@dataclass(slots=True)
-class StepInfo:
-    """One engine iteration, for the worker's metrics (called on the engine thread)."""
-
-    duration_s: float
-    num_scheduled: int  # requests computed in the step (the batch)
-    num_running: int
-    num_waiting: int
-
-
-@dataclass(slots=True)
-class EngineSnapshot:
-    """The engine's load, refreshed after every step and command; read without locks."""
-
-    kv_blocks_total: int = 0
-    kv_blocks_free: int = 0
-    running: int = 0
-    waiting: int = 0
-    waiting_prompt_tokens: int = 0
-    awaiting_kv: int = 0
-    held: int = 0
-    num_steps: int = 0
-    mean_batch_size: float = 0.0
-    num_preemptions: int = 0
-
-    @property
-    def kv_usage(self) -> float:
-        total = self.kv_blocks_total
-        return (total - self.kv_blocks_free) / total if total else 0.0
 
 
 @dataclass(slots=True)
@@ -113,7 +88,9 @@ class AsyncEngine:
     ) -> None:
         """`on_fatal(message)` runs once, on the engine thread, if the engine
         dies: a worker process then exits so its supervisor replaces it."""
-        self.engine = engine
+        self._engine = engine  # the engine thread's alone once started
+        self._kv_layout = KvLayout.of_cache(engine.runner.kv_caches)
+        self._direct_kv = DirectKv(engine.runner.read_blocks, engine.runner.write_blocks)
         self.loop = loop
         self.on_step = on_step
         self.snapshot = EngineSnapshot()
@@ -137,15 +114,62 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    # -- called from the event loop ----------------------------------------------
+    # -- fixed at start: read from any thread -----------------------------------
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+    @property
+    def kv_layout(self) -> KvLayout:
+        """The KV pool's layout (what a KV transfer must match)."""
+        return self._kv_layout
+
+    @property
+    def max_model_len(self) -> int:
+        """The context length: prompt + output tokens."""
+        return self._engine.max_model_len
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._engine.config  # frozen
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._engine.model_config  # frozen
+
+    def make_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str
+    ) -> Request:
+        """A validated request, not queued yet; raises ValueError for one the
+        engine would refuse. Token ids only: the tokenizer is the engine
+        thread's (Hugging Face tokenizers are not safe across threads)."""
+        return self._engine.make_request(list(prompt_token_ids), params, request_id)
+
+    # -- KV copies, on the loop without the engine thread ------------------------
+
+    def write_kv(
+        self, layer: int, block_ids: Sequence[int], key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Copy one layer's K and V ([len(block_ids), *kv_layout.block_shape]
+        each) into blocks of a reservation awaiting its KV (from reserve_remote
+        until remote_kv_done or abort), on the calling thread: no step touches
+        those blocks. ValueError for any other block."""
+        self._direct_kv.write(layer, block_ids, key, value)
+
+    def read_kv(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of one layer's K and V ([n, *kv_layout.block_shape] each, in
+        block-table order) of the blocks a finished request holds (made with
+        hold_blocks_on_finish), from its last delta until release or abort, on
+        the calling thread: no step touches those blocks. KeyError when it
+        holds none."""
+        return self._direct_kv.read(request_id, layer)
+
+    # -- commands for the engine thread ------------------------------------------
+
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run fn(engine) on the engine thread between steps; its result."""
         fut: asyncio.Future[T] = self.loop.create_future()
 
         def command() -> None:
             try:
-                result = fn(self.engine)
+                result = fn(self._engine)
             except BaseException as e:
                 self.loop.call_soon_threadsafe(_set_exception, fut, e)
             else:
@@ -173,7 +197,7 @@ class AsyncEngine:
                 self._post([TokenDelta(rid, [], [], error=f"request id {rid!r} is in use")], q)
                 return
             try:
-                self.engine.add_request(request)
+                self._engine.add_request(request)
             except Exception as e:
                 self._post([TokenDelta(rid, [], [], error=str(e))], q)
                 return
@@ -184,8 +208,8 @@ class AsyncEngine:
 
     async def reserve_remote(self, request: Request, wait_s: float = 0.0) -> Sequence[int] | None:
         """Reserve blocks for a prompt whose KV another engine computes; the
-        block table to fill, or None when the pool stayed full for `wait_s`
-        seconds (retried whenever blocks are freed)."""
+        block table to fill (with write_kv), or None when the pool stayed full
+        for `wait_s` seconds (retried whenever blocks are freed)."""
 
         def reserve(engine: LLMEngine) -> Sequence[int] | None:
             table = engine.reserve_remote(request)
@@ -193,10 +217,13 @@ class AsyncEngine:
 
         deadline = self.loop.time() + wait_s
         while True:
-            table = await self.call(reserve)
-            remaining = deadline - self.loop.time()
-            if table is not None or remaining <= 0:
+            table = await self._call(reserve)
+            if table is not None:
+                self._direct_kv.reserved(request.request_id, table)
                 return table
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return None
             room: asyncio.Future[None] = self.loop.create_future()
             self._room_waiters.append(room)
             try:
@@ -214,11 +241,12 @@ class AsyncEngine:
         With kv_valid False (the transfer failed after the first token) the
         reservation is dropped and the prompt recomputed here instead."""
         q: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._direct_kv.forget_reservation(request_id)  # no more KV copies into it
 
         def command() -> None:
-            req = self.engine.scheduler.awaiting_kv.get(request_id)
+            req = self._engine.scheduler.awaiting_kv.get(request_id)
             try:
-                done = self.engine.remote_kv_done(request_id, first_token, logprob, kv_valid)
+                done = self._engine.remote_kv_done(request_id, first_token, logprob, kv_valid)
             except Exception as e:
                 self._post([TokenDelta(request_id, [], [], error=str(e))], q)
                 return
@@ -233,16 +261,28 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Finish the request wherever it is (queued, running, awaiting KV or
         holding blocks for a transfer) and free its blocks. Idempotent."""
+        self._direct_kv.forget_reservation(request_id)
+        self._direct_kv.forget_held(request_id)
 
         def command() -> None:
             self._state.live.pop(request_id, None)
-            self.engine.abort_request(request_id)
+            # Again: the request may have finished (and got its blocks held)
+            # in a step that ran since.
+            self._direct_kv.forget_held(request_id)
+            self._engine.abort_request(request_id)
 
         self._submit(command)
 
-    def release_blocks(self, request_id: str) -> None:
-        """A held request's KV has been shipped: free its blocks."""
-        self._submit(lambda: self.engine.release_blocks(request_id))
+    def release(self, request_id: str) -> None:
+        """A held request's KV has been shipped: free its blocks (read_kv
+        fails for it from now on). Idempotent."""
+        self._direct_kv.forget_held(request_id)
+
+        def command() -> None:
+            self._direct_kv.forget_held(request_id)
+            self._engine.release_blocks(request_id)
+
+        self._submit(command)
 
     # -- the engine thread -------------------------------------------------------
 
@@ -266,7 +306,7 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._drain_commands()
-                if self.engine.scheduler.has_schedulable() and self._step():
+                if self._engine.scheduler.has_schedulable() and self._step():
                     continue
                 self._refresh_snapshot()
                 self._wake.wait(timeout=0.5)
@@ -291,15 +331,18 @@ class AsyncEngine:
     def _step(self) -> bool:
         """One engine step; False if nothing could be scheduled (blocks pinned
         until KV arrives or held KV is released: a command will wake us)."""
+        engine = self._engine
         start = time.perf_counter()
-        steps_before = self.engine.scheduler.stats.num_steps
-        batch_before = self.engine.scheduler.stats.running_batch_sum
-        finished = self.engine.step()
+        steps_before = engine.scheduler.stats.num_steps
+        batch_before = engine.scheduler.stats.running_batch_sum
+        finished = engine.step()
         duration = time.perf_counter() - start
-        stats = self.engine.scheduler.stats
+        stats = engine.scheduler.stats
         deltas = []
         live = self._state.live
         for out in finished:
+            if out.request_id in engine.scheduler.held:  # for read_kv, before its last delta
+                self._direct_kv.held(out.request_id, engine.block_pool.block_table(out.request_id))
             entry = live.pop(out.request_id, None)
             if entry is not None:
                 new = out.token_ids[entry.sent :]
@@ -323,8 +366,8 @@ class AsyncEngine:
                 StepInfo(
                     duration_s=duration,
                     num_scheduled=stats.running_batch_sum - batch_before,
-                    num_running=len(self.engine.scheduler.running),
-                    num_waiting=len(self.engine.scheduler.waiting),
+                    num_running=len(engine.scheduler.running),
+                    num_waiting=len(engine.scheduler.waiting),
                 )
             )
         return True
@@ -355,8 +398,8 @@ class AsyncEngine:
             command.on_dead(message)
 
     def _refresh_snapshot(self) -> None:
-        sched = self.engine.scheduler
-        pool = self.engine.block_pool
+        sched = self._engine.scheduler
+        pool = self._engine.block_pool
         stats = sched.stats
         if pool.num_free_blocks > self.snapshot.kv_blocks_free:
             self.loop.call_soon_threadsafe(self._room_freed)

@@ -1,4 +1,5 @@
-"""What the engine gives back for a finished request."""
+"""What the engine gives back: a finished request, and (through AsyncEngine)
+new tokens, per-step figures and its load."""
 
 from __future__ import annotations
 
@@ -38,3 +39,45 @@ class RequestOutput:
     def outputs(self) -> list[RequestOutput]:
         """vLLM's shape (`out.outputs[0].text`), for code written against it."""
         return [self]
+
+
+@dataclass(slots=True)
+class TokenDelta:
+    """New tokens of one request since its previous delta (AsyncEngine)."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finished: RequestOutput | None = None  # set on the request's last delta
+    error: str | None = None  # the engine failed; the request is over
+
+
+@dataclass(slots=True)
+class StepInfo:
+    """One engine iteration, for the worker's metrics (called on the engine thread)."""
+
+    duration_s: float
+    num_scheduled: int  # requests computed in the step (the batch)
+    num_running: int
+    num_waiting: int
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """The engine's load, refreshed after every step and command; read without locks."""
+
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    running: int = 0
+    waiting: int = 0
+    waiting_prompt_tokens: int = 0
+    awaiting_kv: int = 0
+    held: int = 0
+    num_steps: int = 0
+    mean_batch_size: float = 0.0
+    num_preemptions: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        total = self.kv_blocks_total
+        return (total - self.kv_blocks_free) / total if total else 0.0

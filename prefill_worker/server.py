@@ -37,7 +37,6 @@ from typing import Any
 import grpc
 
 from engine.async_engine import AsyncEngine
-from engine.llm_engine import LLMEngine
 from kvtransfer import ray_backend, send_kv
 from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES, TransferStats
 from kvtransfer.grpc_backend import GrpcKvSender
@@ -82,7 +81,6 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         if kv_lease_s <= 0:
             raise ValueError(f"the KV lease must be > 0 seconds, got {kv_lease_s}")
         self.aengine = aengine
-        self.engine: LLMEngine = aengine.engine
         self.metrics = metrics
         self.address = address
         self.metrics_port = metrics_port
@@ -111,7 +109,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             except TimeoutError:
                 outcome[0] = "failed"
                 self.metrics.kv_lease_expired.inc()
-                self.aengine.release_blocks(rid)  # now, not when the call is torn down
+                self.aengine.release(rid)  # now, not when the call is torn down
                 log.warning(
                     "request %s: KV not acknowledged within the %gs lease: blocks freed",
                     rid,
@@ -135,17 +133,15 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
     ) -> tuple[bool, TransferStats]:
         """Ship the held blocks of a finished prompt to D's reservation and
         wait for its ack; (acknowledged, stats)."""
-        # The request is finished and its blocks are held for us: nothing
-        # else reads or writes them until release, so the event loop may
-        # copy them out while the engine thread runs the next step.
-        table = list(self.engine.block_pool.block_table(r.request_id))
-        runner = self.engine.runner
+        # The request is finished and holds its blocks for us: read_kv copies
+        # them out here while the engine thread runs the next step.
+        rid = r.request_id
         return await send_kv(
             sender,
-            r.request_id,
+            rid,
             list(r.dest_block_ids),
-            lambda layer: runner.read_blocks(layer, table),
-            num_layers=len(runner.kv_caches),
+            lambda layer: self.aengine.read_kv(rid, layer),
+            num_layers=self.aengine.kv_layout.num_layers,
             max_chunk_bytes=r.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
             reservation=r.reservation,
         )
@@ -167,9 +163,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 raise PrefillRefused(e.code.name, e.message) from None
             yield first.SerializeToString()
             start = time.monotonic()
-            table = list(self.engine.block_pool.block_table(rid))
-            runner = self.engine.runner
-            layers = [runner.read_blocks(layer, table) for layer in range(len(runner.kv_caches))]
+            layers = [
+                self.aengine.read_kv(rid, layer)
+                for layer in range(self.aengine.kv_layout.num_layers)
+            ]
             self.aengine.abort(rid)  # copied out: free the blocks before the payload travels
             payload = ray_backend.pack(rid, list(r.dest_block_ids), layers, r.reservation)
             self.metrics.kv_bytes.inc(payload.nbytes)
@@ -213,7 +210,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         first = pb.FirstToken(
             request_id=r.request_id,
             token_id=out.token_ids[0],
-            num_layers=self.engine.model_config.num_layers,
+            num_layers=self.aengine.kv_layout.num_layers,
             timings=pb.Timings(
                 queue_s=_gap(out.arrival_time, out.scheduled_time),
                 prefill_s=_gap(out.scheduled_time, out.first_token_time),
@@ -235,16 +232,17 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         # Only the first token is ours to sample; stop strings are the decode
         # worker's business (it sees the whole text).
         params = dataclasses.replace(params, max_tokens=1, stop=())
-        if r.block_size != self.engine.config.block_size:
+        layout = self.aengine.kv_layout
+        if r.block_size != layout.block_size:
             return (
-                f"block size {r.block_size} on the decode worker, {self.engine.config.block_size} "
+                f"block size {r.block_size} on the decode worker, {layout.block_size} "
                 "here: the KV layouts differ"
             )
         try:
-            req = self.engine.make_request(list(r.prompt_token_ids), params, r.request_id)
+            req = self.aengine.make_request(r.prompt_token_ids, params, r.request_id)
         except ValueError as e:
             return str(e)
-        needed = self.engine.block_pool.blocks_for_tokens(req.num_prompt_tokens)
+        needed = layout.blocks_for_tokens(req.num_prompt_tokens)
         if len(r.dest_block_ids) != needed:
             return f"{len(r.dest_block_ids)} destination blocks for a prompt that needs {needed}"
         req.hold_blocks_on_finish = True

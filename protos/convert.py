@@ -52,15 +52,15 @@ def worker_status(
 ) -> pb.WorkerStatus:
     """A worker's Status answer from its engine's latest snapshot."""
     snap = aengine.snapshot
-    engine = aengine.engine
-    dtype = engine.config.dtype_choice(engine.model_config)
+    config, model_config = aengine.config, aengine.model_config
+    dtype = config.dtype_choice(model_config)
     return pb.WorkerStatus(
         role=role,
         address=address,
         pid=os.getpid(),
-        model=engine.config.model,
-        max_model_len=engine.max_model_len,
-        block_size=engine.config.block_size,
+        model=config.model,
+        max_model_len=aengine.max_model_len,
+        block_size=config.block_size,
         kv_blocks_total=snap.kv_blocks_total,
         kv_blocks_free=snap.kv_blocks_free,
         running=snap.running,
@@ -72,8 +72,8 @@ def worker_status(
         num_steps=snap.num_steps,
         mean_batch_size=snap.mean_batch_size,
         num_preemptions=snap.num_preemptions,
-        vocab_size=engine.model_config.vocab_size,
-        max_num_seqs=engine.config.max_num_seqs,
+        vocab_size=model_config.vocab_size,
+        max_num_seqs=config.max_num_seqs,
         cost_dollars=cost_dollars,
         tokens_produced=tokens_produced,
         dtype=dtype.name,

@@ -32,9 +32,10 @@ class BrokenTransport:
         pass
 
 
-async def _serve_and_generate(model: Path) -> tuple[list[int], AsyncEngine, DecodeMetrics]:
+async def _serve_and_generate(
+    engine: LLMEngine,
+) -> tuple[list[int], AsyncEngine, DecodeMetrics]:
     loop = asyncio.get_running_loop()
-    engine = LLMEngine(EngineConfig(str(model), dtype="float32", kv_cache_bytes=4 << 20))
     aengine = AsyncEngine(engine, loop)
     metrics = DecodeMetrics("decode")
     servicer = DecodeServicer(
@@ -68,9 +69,10 @@ async def _serve_and_generate(model: Path) -> tuple[list[int], AsyncEngine, Deco
 
 
 def test_an_unexpected_transport_error_ends_in_a_local_prefill(tiny_llama: Path):
-    tokens, aengine, metrics = asyncio.run(_serve_and_generate(tiny_llama))
+    engine = LLMEngine(EngineConfig(str(tiny_llama), dtype="float32", kv_cache_bytes=4 << 20))
+    tokens, aengine, metrics = asyncio.run(_serve_and_generate(engine))
     assert len(tokens) == 6  # prefilled here: before the fix the call hung until its deadline
     snap = aengine.snapshot
     assert snap.kv_blocks_free == snap.kv_blocks_total and snap.awaiting_kv == 0
-    aengine.engine.block_pool.check_integrity()
+    engine.block_pool.check_integrity()
     assert metrics.local_prefills._value.get() == 1
