@@ -2,10 +2,11 @@
 
 The same requests (the engine benchmark's seed workload: ~128-token prompts,
 output lengths drawn from {32, ..., 512}, EOS ignored), three ways:
-  (a) offline: the engine in this process, at most 16 requests running
+  (a) offline: the engine in this process, at most C requests running
       (the same concurrency the HTTP runs allow);
-  (b) `splitserve serve --colocated 1`, 16 streaming requests in flight;
-  (c) `splitserve serve` (1 prefill + 1 decode), 16 in flight;
+  (b) `splitserve serve --colocated 1`, C streaming requests in flight;
+  (c) `splitserve serve` (1 prefill + 1 decode), C in flight;
+for each C of --concurrency (16 and 64 by default);
 repeated for --rounds interleaved rounds (the machine is noisy); each figure
 is the median over rounds.
 
@@ -104,8 +105,12 @@ def cluster(model: str, serve_args: list[str], log: Path, kv_cache_mib: int):
         proc.wait(timeout=60)
 
 
-async def run_http(url: str, w: Workload) -> tuple[float, list[RequestTiming], dict]:
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+async def run_http(
+    url: str, w: Workload, cluster_state: bool = True, concurrency: int = CONCURRENCY
+) -> tuple[float, list[RequestTiming], dict]:
+    """Send `w` with `concurrency` streams in flight; `cluster_state=False` for a server
+    without splitserve's /cluster (vLLM), which then returns {} as the state."""
+    limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
 
@@ -153,9 +158,9 @@ async def run_http(url: str, w: Workload) -> tuple[float, list[RequestTiming], d
                 await one_of(w, i, timings[i])
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-        state = (await client.get(f"{url}/cluster")).json()
+        state = (await client.get(f"{url}/cluster")).json() if cluster_state else {}
     return elapsed, timings, state
 
 
@@ -188,6 +193,9 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
+    ap.add_argument(
+        "--concurrency", default="16,64", help="requests in flight (and the offline max_num_seqs)"
+    )
     ap.add_argument("--kv-cache-mib", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
     ap.add_argument(
@@ -203,15 +211,20 @@ def main() -> None:
 
     vocab = ModelConfig.from_pretrained(args.model).vocab_size
     w = Workload.seeded(args.num_requests, vocab, args.prompt_len, seed=0)
-    print(f"{args.num_requests} requests, {w.output_tokens} output tokens, {CONCURRENCY} in flight")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(f"{args.num_requests} requests, {w.output_tokens} output tokens, {levels} in flight")
     logdir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
     extra = ["--threads", str(args.threads)] if args.threads else []
     extra += ["--stream-interval", str(args.stream_interval)]
     modes = {"colocated": ["--colocated", "1"], "1P+1D": []}
-    llm = LLM(args.model, max_num_seqs=CONCURRENCY, kv_cache_bytes=args.kv_cache_mib << 20)
-    run_offline(llm, Workload(w.prompts[:2], [8, 8]))  # warm up
-    rates: dict[str, list[float]] = {"offline": [], **{m: [] for m in modes}}
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    llms = {
+        c: LLM(args.model, max_num_seqs=c, kv_cache_bytes=args.kv_cache_mib << 20) for c in levels
+    }
+    for llm in llms.values():
+        run_offline(llm, Workload(w.prompts[:2], [8, 8]))  # warm up
+    runs_of = [f"{kind}@{c}" for c in levels for kind in ("offline", *modes)]
+    rates: dict[str, list[float]] = {r: [] for r in runs_of}
+    runs: dict[str, list[dict]] = {r: [] for r in runs_of}
     with contextlib.ExitStack() as stack:
         urls = {
             m: stack.enter_context(
@@ -221,34 +234,37 @@ def main() -> None:
         }
         # Interleaved, so drift on a noisy machine hits every mode alike.
         for round_no in range(args.rounds):
-            rates["offline"].append(run_offline(llm, w))
-            for m, url in urls.items():
-                elapsed, timings, state = asyncio.run(run_http(url, w))
-                res = summarize(elapsed, timings, w.output_tokens)
-                res["mean_batch"] = max(x["mean_batch_size"] for x in state["workers"])
-                runs[m].append(res)
-                rates[m].append(res["tok_s"])
-            latest = ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in rates.items())
-            print(f"round {round_no + 1}: {latest}")
-    offline = statistics.median(rates["offline"])
+            for c in levels:
+                rates[f"offline@{c}"].append(run_offline(llms[c], w))
+                for m, url in urls.items():
+                    elapsed, timings, state = asyncio.run(run_http(url, w, concurrency=c))
+                    res = summarize(elapsed, timings, w.output_tokens)
+                    res["mean_batch"] = max(x["mean_batch_size"] for x in state["workers"])
+                    runs[f"{m}@{c}"].append(res)
+                    rates[f"{m}@{c}"].append(res["tok_s"])
+            latest = ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items())
+            print(f"round {round_no + 1} (tok/s): {latest}", flush=True)
     print(
-        f"\n{'run':<11}{'tok/s':>7}{'vs offline':>11}{'TTFT p50':>10}{'p99':>8}"
+        f"\n{'run':<15}{'tok/s':>7}{'vs offline':>11}{'TTFT p50':>10}{'p99':>8}"
         f"{'TPOT p50':>10}{'p99':>7}{'ITL p50':>9}{'p99':>9}"
     )
-    print(f"{'offline':<11}{offline:>7.0f}{100.0:>10.1f}%")
     results: dict = {"rates": rates, "runs": runs}
-    for m in modes:
-        r = min(runs[m], key=lambda x: abs(x["tok_s"] - statistics.median(rates[m])))
-        ratio = statistics.median(rates[m]) / offline
-        results[m] = {**r, "vs_offline": ratio}
-        print(
-            f"{m:<11}{statistics.median(rates[m]):>7.0f}{ratio * 100:>10.1f}%"
-            f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p99_ms']:>6.0f}ms"
-            f"{r['tpot_p50_ms']:>8.1f}ms{r['tpot_p99_ms']:>5.1f}ms"
-            f"{r['itl_p50_ms']:>7.1f}ms{r['itl_p99_ms']:>7.1f}ms"
-        )
-        if not all(x["complete"] for x in runs[m]):
-            print(f"  INCOMPLETE: {[x['errors'] for x in runs[m]]}")
+    for c in levels:
+        offline = statistics.median(rates[f"offline@{c}"])
+        print(f"{f'offline@{c}':<15}{offline:>7.0f}{100.0:>10.1f}%")
+        for m in modes:
+            key = f"{m}@{c}"
+            median = statistics.median(rates[key])
+            r = min(runs[key], key=lambda x: abs(x["tok_s"] - median))
+            results[key] = {**r, "vs_offline": median / offline}
+            print(
+                f"{key:<15}{median:>7.0f}{median / offline * 100:>10.1f}%"
+                f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p99_ms']:>6.0f}ms"
+                f"{r['tpot_p50_ms']:>8.1f}ms{r['tpot_p99_ms']:>5.1f}ms"
+                f"{r['itl_p50_ms']:>7.1f}ms{r['itl_p99_ms']:>7.1f}ms"
+            )
+            if not all(x["complete"] for x in runs[key]):
+                print(f"  INCOMPLETE: {[x['errors'] for x in runs[key]]}")
     print(f"logs: {logdir}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
