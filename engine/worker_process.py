@@ -126,8 +126,6 @@ def load_engine(
     thread dies (WorkerLife.engine_died in a standalone worker; a Ray replica
     fails its health check instead). Call from the running event loop."""
     fault_step = _fault_step()
-    engine = LLMEngine(engine_config_from_args(args))
-    log.info("dtype: %s", engine.config.dtype_choice(engine.model_config).describe())
     if args.price_per_hour < 0:
         raise ValueError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
     metrics.cost.price_per_hour = args.price_per_hour
@@ -144,7 +142,11 @@ def load_engine(
 
     if fault_step is not None:
         log.warning("%s=%d: the engine will die after that many steps", FAULT_STEP_ENV, fault_step)
-    aengine = AsyncEngine(engine, asyncio.get_running_loop(), on_step=on_step, on_fatal=on_fatal)
+    config = engine_config_from_args(args)
+    aengine = AsyncEngine.build(
+        lambda: LLMEngine(config), asyncio.get_running_loop(), on_step=on_step, on_fatal=on_fatal
+    )
+    log.info("dtype: %s", aengine.config.dtype_choice(aengine.model_config).describe())
     return aengine
 
 

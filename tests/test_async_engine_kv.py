@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from engine import LLM, SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.outputs import TokenDelta
+from engine.outputs import StepInfo, TokenDelta
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPT = list(range(40, 77))  # 37 tokens: three blocks of 16
@@ -75,3 +76,37 @@ def test_kv_through_the_async_engine_equals_one_engine(tiny_llama: Path):
     for engine in (prefill, decode):
         engine.block_pool.check_integrity()
         assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
+
+
+def test_build_loads_and_steps_on_one_thread(tiny_llama: Path):
+    """AsyncEngine.build makes the LLMEngine on the thread that steps it
+    (torch's OpenMP pool is per thread), and a failed build raises in the caller."""
+    config = EngineConfig(str(tiny_llama), dtype="float32", kv_cache_bytes=2 << 20)
+    threads: dict[str, threading.Thread] = {}
+
+    def make() -> LLMEngine:
+        threads["built"] = threading.current_thread()
+        return LLMEngine(config)
+
+    def on_step(step: StepInfo) -> None:
+        threads.setdefault("stepped", threading.current_thread())
+
+    async def run() -> list[int]:
+        aengine = AsyncEngine.build(make, asyncio.get_running_loop(), on_step=on_step)
+        aengine.start()
+        try:
+            return await _drain(aengine.add_request(aengine.make_request(PROMPT, PARAMS, "r")))
+        finally:
+            aengine.stop()
+
+    assert len(asyncio.run(run())) == PARAMS.max_tokens
+    assert threads["built"] is threads["stepped"] is not threading.main_thread()
+
+    def broken() -> LLMEngine:
+        return LLMEngine(dataclasses.replace(config, model=str(tiny_llama / "missing")))
+
+    async def fail() -> None:
+        AsyncEngine.build(broken, asyncio.get_running_loop())
+
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        asyncio.run(fail())
