@@ -299,14 +299,17 @@ class LocalCluster:
     def serve(self) -> None:
         """Start the workers, serve the router until interrupted, stop the workers."""
         from kvtransfer.security import ClusterSecurity
-        from router.server import RouterConfig, serve
+        from router.server import RouterConfig, bind_listener, serve
 
         # uvicorn re-raises SIGTERM after its own shutdown; as an exception
         # (not the default action, which kills at once) it reaches `finally`
         # below, and the workers are stopped.
         signal.signal(signal.SIGTERM, _raise_system_exit)
-        self.start_workers()
         spec = self.spec
+        listener = bind_listener(
+            spec.host, spec.port
+        )  # a taken port fails before any worker starts
+        self.start_workers()
         config = RouterConfig(
             model=spec.model,
             served_model_name=spec.served_model_name,
@@ -323,9 +326,10 @@ class LocalCluster:
         )
         url = f"http://{spec.host}:{spec.port}"
         name = spec.served_model_name or Path(spec.model).name
-        print(_banner(url, name, self.workers, bool(spec.api_key)), flush=True)
+        banner = _banner(url, name, self.workers, bool(spec.api_key))
         try:
-            serve(config)
+            # Printed once the port is bound, so its curl line works at once.
+            serve(config, listener, on_listening=lambda: print(banner, flush=True))
         finally:
             self.stop()
 

@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         serve(config)
-    except (OSError, ValueError) as e:  # a bad model directory, a port in use
+    except (OSError, ValueError, RuntimeError) as e:  # a bad model directory, a port in use
         print(f"router: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ Routes:
 from __future__ import annotations
 
 import hmac
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -221,9 +222,39 @@ def build_app(config: RouterConfig) -> FastAPI:
     return app
 
 
-def serve(config: RouterConfig) -> None:
-    """Run the router until interrupted (Ctrl-C or SIGTERM stop it cleanly)."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port; RuntimeError, saying what to do, when
+    the address is taken or not ours."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(
+            f"cannot listen on {host}:{port}: {e.strerror}; is another server using it? "
+            "Choose another --port (or --host)"
+        ) from None
+    return sock
+
+
+def serve(
+    config: RouterConfig,
+    listener: socket.socket | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> None:
+    """Run the router until interrupted (Ctrl-C or SIGTERM stop it cleanly).
+
+    The port is bound (`listener`, or bound here) before `on_listening()`
+    runs: a client that connects as soon as it is told the address waits in
+    the backlog while the app starts, instead of being refused."""
     import uvicorn
 
     app = build_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    sock = listener if listener is not None else bind_listener(config.host, config.port)
+    if on_listening is not None:
+        on_listening()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])

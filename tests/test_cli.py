@@ -181,3 +181,53 @@ def test_worker_with_a_missing_model_fails_cleanly(tmp_path):
         )
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and "nope" in r.stderr
+
+
+def test_serve_on_a_taken_port_fails_before_starting_workers(cli_env, model_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli(
+            cli_env, "serve", "--model", str(model_dir), "--colocated", "1", "--port", str(port)
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "started colocated-0" not in proc.stderr + proc.stdout  # no worker was started
+
+
+def test_serve_answers_as_soon_as_it_says_it_is_up(cli_env, model_dir):
+    """The banner's curl works the moment the banner appears."""
+    import signal
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", str(model_dir)]
+    cmd += ["--colocated", "1", "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends (EOF) if serve dies
+            if line.startswith("splitserve is up:"):
+                break
+        else:
+            pytest.fail(f"serve exited with {proc.wait()} before saying it was up")
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60)
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
