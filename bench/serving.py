@@ -1,11 +1,14 @@
 """The cost of serving: the seed workload over HTTP against the offline engine.
 
 The same requests (the engine benchmark's seed workload: ~128-token prompts,
-output lengths drawn from {32, ..., 512}, EOS ignored), three ways:
+output lengths drawn from {32, ..., 512}, EOS ignored), four ways:
   (a) offline: the engine in this process, at most C requests running
       (the same concurrency the HTTP runs allow);
   (b) `splitserve serve --colocated 1`, C streaming requests in flight;
   (c) `splitserve serve` (1 prefill + 1 decode), C in flight;
+  (d) offline again, beside a process that keeps as much CPU busy as (b)'s
+      front end used (router, client and the worker's event loop, read from
+      /proc): how much of (b)'s loss is the engine sharing the cores;
 for each C of --concurrency (16 and 64 by default);
 repeated for --rounds interleaved rounds (the machine is noisy); each figure
 is the median over rounds.
@@ -25,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -81,6 +85,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def cluster(model: str, serve_args: list[str], log: Path, kv_cache_mib: int):
+    """`splitserve serve` on a free port, ready; yields its URL."""
+    with cluster_process(model, serve_args, log, kv_cache_mib) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def cluster_process(model: str, serve_args: list[str], log: Path, kv_cache_mib: int):
+    """`splitserve serve` on a free port, ready; yields (URL, its Popen)."""
     port = free_port()
     cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", model, "--port", str(port)]
     cmd += ["--kv-cache-mib", str(kv_cache_mib), *serve_args]
@@ -99,17 +111,88 @@ def cluster(model: str, serve_args: list[str], log: Path, kv_cache_mib: int):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cluster not ready; see {log}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=60)
 
 
+def _thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) one thread has used; 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class FrontEndCpu:
+    """CPU the serving front end uses while a run goes on: the router (the
+    serve process), this process (the client), and each worker's event-loop
+    thread (its main thread; the engine runs on threads of its own).
+    Linux only (/proc)."""
+
+    def __init__(self, router_pid: int, worker_pids: list[int]) -> None:
+        self.router_pid, self.worker_pids = router_pid, worker_pids
+        self._start = self._now()
+
+    def _now(self) -> tuple[float, float]:
+        used = _process_cpu_s(self.router_pid) + time.process_time()
+        used += sum(_thread_cpu_s(pid, pid) for pid in self.worker_pids)
+        return used, time.perf_counter()
+
+    def cores(self) -> float:
+        """Mean cores used since construction."""
+        used, at = self._now()
+        return (used - self._start[0]) / max(1e-9, at - self._start[1])
+
+
+# Busy `burst` seconds, then idle, so that `cores` of one core are used: the
+# front end's CPU in the shape it has (short bursts, one per streamed token).
+_CPU_LOAD = """
+import sys, time
+cores, burst = float(sys.argv[1]), 0.0005
+next_at = time.perf_counter()
+while True:
+    t = time.thread_time()
+    while time.thread_time() - t < burst:
+        pass
+    next_at += burst / cores
+    time.sleep(max(0.0, next_at - time.perf_counter()))
+"""
+
+
+@contextlib.contextmanager
+def cpu_load(cores: float):
+    """A process that keeps `cores` (< 1) of the machine busy in short bursts."""
+    proc = subprocess.Popen([sys.executable, "-c", _CPU_LOAD, str(min(cores, 0.95))])
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 async def run_http(
-    url: str, w: Workload, cluster_state: bool = True, concurrency: int = CONCURRENCY
+    url: str,
+    w: Workload,
+    cluster_state: bool = True,
+    concurrency: int = CONCURRENCY,
+    router_pid: int | None = None,
 ) -> tuple[float, list[RequestTiming], dict]:
     """Send `w` with `concurrency` streams in flight; `cluster_state=False` for a server
-    without splitserve's /cluster (vLLM), which then returns {} as the state."""
+    without splitserve's /cluster (vLLM), which then returns {} as the state. With
+    `router_pid` (splitserve's serve process), the state's "front_end_cores" is the
+    CPU the router, this client and the workers' event loops used during the run."""
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
@@ -150,6 +233,10 @@ async def run_http(
         for i in range(len(w.prompts)):
             queue.put_nowait(i)
         timings = [RequestTiming(0.0) for _ in w.prompts]
+        meter = None
+        if router_pid is not None:
+            workers = (await client.get(f"{url}/cluster")).json()["workers"]
+            meter = FrontEndCpu(router_pid, [x["pid"] for x in workers if x.get("pid")])
 
         async def worker() -> None:
             while not queue.empty():
@@ -160,7 +247,10 @@ async def run_http(
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+        front_end = meter.cores() if meter is not None else None
         state = (await client.get(f"{url}/cluster")).json() if cluster_state else {}
+        if front_end is not None:
+            state["front_end_cores"] = front_end
     return elapsed, timings, state
 
 
@@ -222,13 +312,13 @@ def main() -> None:
     }
     for llm in llms.values():
         run_offline(llm, Workload(w.prompts[:2], [8, 8]))  # warm up
-    runs_of = [f"{kind}@{c}" for c in levels for kind in ("offline", *modes)]
+    runs_of = [f"{kind}@{c}" for c in levels for kind in ("offline", *modes, "offline+load")]
     rates: dict[str, list[float]] = {r: [] for r in runs_of}
     runs: dict[str, list[dict]] = {r: [] for r in runs_of}
     with contextlib.ExitStack() as stack:
-        urls = {
+        served = {
             m: stack.enter_context(
-                cluster(args.model, a + extra, logdir / f"{m}.log", args.kv_cache_mib)
+                cluster_process(args.model, a + extra, logdir / f"{m}.log", args.kv_cache_mib)
             )
             for m, a in modes.items()
         }
@@ -236,17 +326,25 @@ def main() -> None:
         for round_no in range(args.rounds):
             for c in levels:
                 rates[f"offline@{c}"].append(run_offline(llms[c], w))
-                for m, url in urls.items():
-                    elapsed, timings, state = asyncio.run(run_http(url, w, concurrency=c))
+                for m, (url, proc) in served.items():
+                    elapsed, timings, state = asyncio.run(
+                        run_http(url, w, concurrency=c, router_pid=proc.pid)
+                    )
                     res = summarize(elapsed, timings, w.output_tokens)
                     res["mean_batch"] = max(x["mean_batch_size"] for x in state["workers"])
+                    res["front_end_cores"] = state["front_end_cores"]
                     runs[f"{m}@{c}"].append(res)
                     rates[f"{m}@{c}"].append(res["tok_s"])
+                # The offline engine again, beside a load as large as the
+                # colocated run's front end: what the engine loses to sharing
+                # the cores, apart from anything else serving costs.
+                with cpu_load(runs[f"colocated@{c}"][-1]["front_end_cores"]):
+                    rates[f"offline+load@{c}"].append(run_offline(llms[c], w))
             latest = ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items())
             print(f"round {round_no + 1} (tok/s): {latest}", flush=True)
     print(
         f"\n{'run':<15}{'tok/s':>7}{'vs offline':>11}{'TTFT p50':>10}{'p99':>8}"
-        f"{'TPOT p50':>10}{'p99':>7}{'ITL p50':>9}{'p99':>9}"
+        f"{'TPOT p50':>10}{'p99':>7}{'ITL p50':>9}{'p99':>9}{'front end':>11}"
     )
     results: dict = {"rates": rates, "runs": runs}
     for c in levels:
@@ -262,9 +360,22 @@ def main() -> None:
                 f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p99_ms']:>6.0f}ms"
                 f"{r['tpot_p50_ms']:>8.1f}ms{r['tpot_p99_ms']:>5.1f}ms"
                 f"{r['itl_p50_ms']:>7.1f}ms{r['itl_p99_ms']:>7.1f}ms"
+                f"{r['front_end_cores']:>6.2f} cores"
             )
             if not all(x["complete"] for x in runs[key]):
                 print(f"  INCOMPLETE: {[x['errors'] for x in runs[key]]}")
+        loaded = statistics.median(rates[f"offline+load@{c}"])
+        colocated = statistics.median(rates[f"colocated@{c}"])
+        results[f"offline+load@{c}"] = {"tok_s": loaded, "vs_offline": loaded / offline}
+        print(
+            f"{f'offline+load@{c}':<15}{loaded:>7.0f}{loaded / offline * 100:>10.1f}%"
+            f"   (colocated / this: {colocated / loaded * 100:.1f}%)"
+        )
+    print(
+        "front end: CPU of the router, this client and the workers' event loops during the\n"
+        "run, in cores; offline+load: the offline engine beside a process that busies as\n"
+        "many cores as the colocated run's front end did, in 0.5 ms bursts"
+    )
     print(f"logs: {logdir}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
