@@ -1,7 +1,8 @@
 """`splitserve up` with each shipped example config (the tiny model in place
 of the built-in one, float32 so greedy output can be compared exactly): KV
-through the object store (ray-laptop.yaml) and over gRPC between replicas
-(laptop.yaml)."""
+through the object store (ray-laptop.yaml, on the Ray cluster `up` starts)
+and over gRPC between replicas (laptop.yaml, on a running cluster `up`
+joins)."""
 
 from __future__ import annotations
 
@@ -24,18 +25,25 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples"
 
 
-@pytest.mark.parametrize("example", ["ray-laptop.yaml", "laptop.yaml"])
-def test_up_with_the_example_config(tmp_path, tiny_llama, example):
-    config = yaml.safe_load((EXAMPLES / example).read_text())
-    config["model"] = str(tiny_llama)
+def example_config(name: str, model: Path) -> dict:
+    config = yaml.safe_load((EXAMPLES / name).read_text())
+    config["model"] = str(model)
     for pool in config["pools"].values():
         pool.setdefault("engine", {})["dtype"] = "float32"
-    cluster = RayUp(tmp_path, tiny_llama, config)
+    return config
+
+
+def assert_served_greedy_by_its_prefill_pool(cluster: RayUp) -> None:
+    timings = assert_greedy_equals_offline(cluster)
+    # The answer names the prefill worker that computed the prompt.
+    prefill = [w["address"] for w in cluster.pools()["prefill"]]
+    assert timings["prefill_worker"] in prefill, (timings, prefill)
+
+
+def test_up_with_the_object_store_example(tmp_path, tiny_llama):
+    cluster = RayUp(tmp_path, tiny_llama, example_config("ray-laptop.yaml", tiny_llama))
     try:
-        timings = assert_greedy_equals_offline(cluster)
-        # The answer names the prefill worker that computed the prompt.
-        prefill = [w["address"] for w in cluster.pools()["prefill"]]
-        assert timings["prefill_worker"] in prefill, (timings, prefill)
+        assert_served_greedy_by_its_prefill_pool(cluster)
         assert cluster.down() == 0
         assert cluster.proc.wait(timeout=60) == 0
     finally:
@@ -43,8 +51,9 @@ def test_up_with_the_example_config(tmp_path, tiny_llama, example):
 
 
 def test_up_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path, tiny_llama):
-    """With --address, `up` deploys onto a cluster it did not start; `down`
-    removes the application and leaves the cluster to its owner."""
+    """With --address, `up` deploys onto a cluster it did not start (the
+    example whose KV goes over gRPC); `down` removes the application and
+    leaves the cluster to its owner."""
     from deploy.ray_cluster import LOCAL_RAY_ENV
 
     port, client_port = free_port(), free_port()
@@ -57,10 +66,7 @@ def test_up_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path, tiny_lla
     head = subprocess.Popen(cmd, env=env, stdout=head_log, stderr=subprocess.STDOUT)
     head_pids: set[int] = set()
     try:
-        config = yaml.safe_load((EXAMPLES / "ray-laptop.yaml").read_text())
-        config["model"] = str(tiny_llama)
-        for pool in config["pools"].values():
-            pool["engine"]["dtype"] = "float32"
+        config = example_config("laptop.yaml", tiny_llama)
         deadline = time.monotonic() + 120
         cluster = None
         while cluster is None:  # the head takes a few seconds to accept drivers
@@ -71,7 +77,7 @@ def test_up_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path, tiny_lla
                 assert time.monotonic() < deadline, "could not join the Ray head"
                 time.sleep(2)
         try:
-            assert_greedy_equals_offline(cluster)
+            assert_served_greedy_by_its_prefill_pool(cluster)
             head_pids = descendants(head.pid)
             addresses = listening_addresses(head_pids | descendants(cluster.proc.pid))
             assert addresses and addresses <= {"127.0.0.1", "::1"}, addresses
