@@ -117,22 +117,21 @@ def cluster_process(model: str, serve_args: list[str], log: Path, kv_cache_mib: 
         proc.wait(timeout=60)
 
 
-def _thread_cpu_s(pid: int, tid: int) -> float:
-    """CPU seconds (user + system) one thread has used; 0 if it is gone."""
+def _cpu_s(stat_path: str) -> float:
+    """CPU seconds (user + system) in a /proc stat file; 0 if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _process_cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _cpu_s(f"/proc/{pid}/stat")
+
+
+def _thread_cpu_s(pid: int, tid: int) -> float:
+    return _cpu_s(f"/proc/{pid}/task/{tid}/stat")
 
 
 class FrontEndCpu:

@@ -306,9 +306,8 @@ class LocalCluster:
         # below, and the workers are stopped.
         signal.signal(signal.SIGTERM, _raise_system_exit)
         spec = self.spec
-        listener = bind_listener(
-            spec.host, spec.port
-        )  # a taken port fails before any worker starts
+        # Bound first: a taken port fails before any worker loads a model.
+        listener = bind_listener(spec.host, spec.port)
         self.start_workers()
         config = RouterConfig(
             model=spec.model,
