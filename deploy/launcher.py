@@ -118,17 +118,24 @@ class LocalCluster:
     # The cluster's shared secret, for this launch only (never printed).
     secret: str = field(default_factory=launch_secret, repr=False)
 
+    @property
+    def prefill_listing(self) -> Path:
+        """The file naming the prefill workers, for the decode workers."""
+        return self.workdir / "prefill-addresses"
+
     # -- workers ------------------------------------------------------------------
 
     def start_workers(self) -> None:
         spec = self.spec
         if spec.colocated:
-            plan = [("colocated", i) for i in range(spec.colocated)]
+            self._start([("colocated", i) for i in range(spec.colocated)])
         else:
-            # Prefill first: the decode workers are given their addresses.
-            self._start(("prefill", i) for i in range(spec.prefill))
-            plan = [("decode", i) for i in range(spec.decode)]
-        self._start(plan)
+            # Both pools at once: the decode workers read the prefill workers'
+            # addresses from a file written once those are known, before the
+            # router sends a first request (a restarted decode worker reads it too).
+            plan = [("prefill", i) for i in range(spec.prefill)]
+            self._start(plan + [("decode", i) for i in range(spec.decode)])
+            _write_atomically(self.prefill_listing, "\n".join(self.addresses("prefill")) + "\n")
         # This thread restarts workers, and a child started with
         # _die_with_parent gets SIGTERM when the *thread* that started it
         # ends: it runs until stop(), and survives any error (see _watch).
@@ -161,7 +168,7 @@ class LocalCluster:
         if role == "colocated":
             cmd.append("--colocated")
         if role == "decode":  # the only prefill workers it may dial
-            cmd += ["--prefill-addresses", ",".join(self.addresses("prefill"))]
+            cmd += ["--prefill-addresses-file", str(self.prefill_listing)]
         env = dict(os.environ)
         env[SECRET_ENV] = self.secret  # not on the command line, which `ps` shows
         # Idle OpenMP threads spin by default, stealing the cores a busy
@@ -381,6 +388,13 @@ def _exit_code(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"{code} ({signal.Signals(-code).name})"
     return str(code)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A reader sees the old file or the whole new one, never half of it.
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

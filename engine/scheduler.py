@@ -38,7 +38,7 @@ reservation awaiting KV (ended by the KV's arrival, the reservation's TTL or
 an abort) or held KV (ended by the receiver's ack or the lease). Each of
 those ends in bounded time and returns the blocks or turns them into a ready
 request, which can be preempted; a request never needs more blocks than the
-pool has (the engine refuses it at admission). tests/test_scheduler_progress.py
+pool has (the engine refuses it at admission). tests/unit/test_scheduler_progress.py
 drives every interleaving of these events and checks this after each one.
 
 Reservations leave room: a remote-KV reservation also covers the slot of the

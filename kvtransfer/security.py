@@ -479,11 +479,19 @@ def add_known_prefill_args(p: argparse.ArgumentParser) -> None:
         "splitserve_decode_prefill_unknown_total). With neither this nor --prefill-dns, no "
         "prefill worker is dialled and every prompt is prefilled here",
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--prefill-dns",
         metavar="NAME:PORT",
         help="a DNS name that resolves to every prefill worker (the router's --prefill-dns), "
         "resolved again every few seconds and whenever a request names a new address",
+    )
+    where.add_argument(
+        "--prefill-addresses-file",
+        metavar="PATH",
+        help="a file naming the prefill workers (HOST:PORT, one per line), read again as "
+        "--prefill-dns is resolved; a missing file names none yet. `splitserve serve` writes "
+        "it once its prefill workers are up, so that both pools start at the same time",
     )
 
 
@@ -493,7 +501,20 @@ def known_prefill_from_args(args: argparse.Namespace) -> KnownPeers:
     if target:
         split_host_port(target)  # fail at start, not at the first request
         return KnownPeers(static, lambda: resolve_all(target))
+    listing = getattr(args, "prefill_addresses_file", None)
+    if listing:
+        return KnownPeers(static, lambda: read_address_file(Path(listing)))
     return KnownPeers(static)
+
+
+async def read_address_file(path: Path) -> list[str]:
+    """The addresses a file names (one per line or comma-separated); none
+    while it does not exist."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return parse_addresses(",".join(text.split()))
 
 
 def parse_addresses(text: str) -> list[str]:

@@ -206,3 +206,14 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         assert not _alive(self.proc.pid)
+
+
+def role_metric(cluster: ServeCluster, role: str, name: str) -> float:
+    """Sum of a metric's samples on the workers of a role, from their /metrics."""
+    total = 0.0
+    for w in cluster.workers(role):
+        text = httpx.get(f"http://127.0.0.1:{w['metrics_port']}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
