@@ -8,7 +8,7 @@ at once, idle but for the one under load: every (repeat, rate) is sent to
 each configuration in turn, so drift in a shared machine's speed lands on
 all of them alike. Each worker gets --threads torch threads, so every
 configuration uses the same cores. The load comes from `splitserve bench`'s
-generator (bench/loadgen.py): Poisson arrivals at each rate, the same
+generator (deploy/loadgen.py): Poisson arrivals at each rate, the same
 requests for every configuration.
 
 The TPOT limit is a multiple (--slo-scales; the headline is 2) of the
@@ -42,8 +42,8 @@ from typing import Any
 
 import httpx
 
-from bench import loadgen
 from bench.serving import cluster  # a `splitserve serve` cluster, ready when it yields
+from deploy import loadgen
 from deploy.doctor import snapshot, window_cores_busy
 from engine.builtin_model import ensure_default_model
 

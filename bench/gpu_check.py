@@ -294,7 +294,8 @@ def check_vs_transformers(
     new_tokens: int = NEW_TOKENS,
 ) -> None:
     """Section 1: greedy tokens of the engine against transformers, per config."""
-    from engine.config import DTYPES, ModelConfig
+    from engine.config import ModelConfig
+    from engine.dtype_choice import DTYPES
 
     dev = torch.device(device)
     section = "equality"
@@ -631,7 +632,8 @@ def time_decode_steps(
     """Section 3a: ms per engine decode step with B requests decoding, and the bandwidth it
     reaches: (parameter bytes + KV bytes read) per step over the step time."""
     from engine import LLM, SamplingParams
-    from engine.config import DTYPES, ModelConfig
+    from engine.config import ModelConfig
+    from engine.dtype_choice import DTYPES
 
     dev = torch.device(device)
     section = "timing"

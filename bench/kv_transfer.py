@@ -92,7 +92,7 @@ def _grpc_server(port_q: mp.Queue, num_tokens: int, repeats: int, chunk_bytes: i
 def bench_grpc(num_tokens: int, repeats: int, chunk_bytes: int) -> tuple[float, int]:
     import grpc
 
-    from kvtransfer import KvReceiver
+    from kvtransfer.base import KvReceiver
     from kvtransfer.grpc_backend import CHANNEL_OPTIONS, chunk_from_proto
     from protos import splitserve_pb2 as pb
     from protos import splitserve_pb2_grpc as pb_grpc
@@ -220,7 +220,7 @@ def bench_ttft(prompt_lens: list[int], trials: int) -> list[dict]:
     from engine.sampling_params import SamplingParams
     from protos import splitserve_pb2 as pb
     from protos import splitserve_pb2_grpc as pb_grpc
-    from protos.convert import params_to_pb
+    from worker.wire import params_to_pb
 
     workdir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
     model = str(make_model(workdir / "model", preset="small", max_position_embeddings=4096))

@@ -35,7 +35,7 @@ restarted worker's counters start again at 0, so the last value read from
 each worker process is kept: what a killed worker counted in its last 2 s
 is missed.
 
-The load reuses `splitserve bench`'s generator (bench/loadgen.py): its
+The load reuses `splitserve bench`'s generator (deploy/loadgen.py): its
 datasets and Poisson arrivals. The cluster is bench/serving.py's `splitserve
 serve` child process. Kills and freezes go only to the workers of that
 cluster (checked: a descendant of this process, running a worker module).
@@ -69,8 +69,8 @@ from typing import Any, Literal
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import loadgen
 from bench.serving import cluster  # a `splitserve serve` cluster, ready when it yields
+from deploy import loadgen
 
 # Requests per second that keep 1 prefill + 2 decode workers of the default
 # model (its default dtype, bfloat16 on CPU; 1 torch thread and 128 MiB of KV

@@ -9,15 +9,6 @@ from collections.abc import Sequence
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.remote_prefill import GrpcPrefill
 from decode_worker.server import DecodeOptions, DecodeServicer, add_decode_args
-from engine.worker_process import (
-    WorkerLife,
-    add_worker_args,
-    advertised_address,
-    drain,
-    load_engine,
-    run_worker_main,
-    start_metrics_server,
-)
 from kvtransfer.channels import SERVER_OPTIONS
 from kvtransfer.security import (
     ClusterSecurity,
@@ -30,6 +21,15 @@ from kvtransfer.security import (
 )
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
+from worker.process import (
+    WorkerLife,
+    add_worker_args,
+    advertised_address,
+    drain,
+    load_engine,
+    run_worker_main,
+    start_metrics_server,
+)
 
 
 def parser() -> argparse.ArgumentParser:

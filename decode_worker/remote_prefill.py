@@ -35,13 +35,13 @@ from typing import Any, Protocol
 import grpc
 
 from engine.request import Request
-from kvtransfer import KvReceiver, KvRejected
+from kvtransfer.base import KvReceiver, KvRejected
 from kvtransfer.grpc_backend import chunk_from_proto
 from kvtransfer.ray_backend import receive_payload
 from kvtransfer.security import ClusterSecurity, KnownPeers, secure_channel
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
+from worker.wire import params_to_pb
 
 log = logging.getLogger("splitserve.decode")
 

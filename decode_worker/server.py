@@ -39,10 +39,11 @@ from decode_worker.remote_prefill import (
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput, TokenDelta
 from engine.request import Request
-from kvtransfer import KvReceiver
+from kvtransfer.base import KvReceiver
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_from_pb, worker_status
+from worker.status import worker_status
+from worker.wire import params_from_pb
 
 log = logging.getLogger("splitserve.decode")
 

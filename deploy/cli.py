@@ -516,7 +516,7 @@ def _bench(args: argparse.Namespace) -> int:
     import math
     from pathlib import Path
 
-    from bench import loadgen
+    from deploy import loadgen
 
     slo = loadgen.parse_slo(args.slo)
     rates = loadgen.parse_rates(args.request_rate)
@@ -590,8 +590,8 @@ def _doctor(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from bench.loadgen import parse_slo
     from deploy.doctor import examine, format_report
+    from deploy.loadgen import parse_slo
 
     slo = parse_slo(args.slo)
     report = examine(

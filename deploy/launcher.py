@@ -380,7 +380,7 @@ def _die_with_parent() -> None:
 
 def _exit_code(code: int) -> str:
     """70 -> "70 (its engine died)", -9 -> "-9 (SIGKILL)"."""
-    from engine.worker_process import EXIT_ENGINE_DIED
+    from worker.process import EXIT_ENGINE_DIED
 
     if code == EXIT_ENGINE_DIED:
         return f"{code} (its engine died)"

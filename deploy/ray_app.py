@@ -92,8 +92,8 @@ class _WorkerReplica(abc.ABC):
     role = ""
 
     async def _boot(self, config: ClusterConfig, pool: Pool, directory: DeploymentHandle) -> None:
-        from engine.worker_process import load_engine, setup_logging, start_metrics_server
         from kvtransfer.security import ClusterSecurity, add_port, make_server, warn_if_open
+        from worker.process import load_engine, setup_logging, start_metrics_server
 
         setup_logging(self.role)
         self.config = config
@@ -144,7 +144,7 @@ class _WorkerReplica(abc.ABC):
 
     async def __del__(self) -> None:
         """Scale-down (or shutdown): drain, then stop. Serve calls it once."""
-        from engine.worker_process import drain
+        from worker.process import drain
 
         self._heartbeat.cancel()
         # Bounded: on `serve.delete` the Directory may already be gone, and a

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import DTYPES, EngineConfig
+from engine.config import DTYPE_NAMES, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", help="local Hugging Face model directory (default: built-in model)")
-    g.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory (MiB)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")

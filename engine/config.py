@@ -6,11 +6,15 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where an engine is built, not by the router
+    import torch
 
-from engine.dtype_choice import DTYPES, DtypeChoice, choose_dtype
+    from engine.dtype_choice import DtypeChoice
+
+# The names engine.dtype_choice.DTYPES maps to torch dtypes.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -181,8 +185,10 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.kv_cache_bytes < 1:
             raise ValueError("kv_cache_bytes must be > 0")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ValueError(
+                f"dtype must be 'auto' or one of {list(DTYPE_NAMES)}, got {self.dtype!r}"
+            )
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
             raise ValueError("attention_backend must be 'auto', 'torch', 'cpu' or 'triton'")
         if self.linear_backend not in ("auto", "torch", "onednn"):
@@ -190,12 +196,16 @@ class EngineConfig:
 
     @cached_property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def dtype_choice(self, model: ModelConfig) -> DtypeChoice:
         """The dtype the engine runs `model` in, with the reason for it."""
+        from engine.dtype_choice import choose_dtype
+
         return choose_dtype(self.dtype, self.torch_device, model.torch_dtype)
 
     def torch_dtype(self, model: ModelConfig) -> torch.dtype:
@@ -213,7 +223,7 @@ class EngineConfig:
         return self.max_model_len
 
     def kv_block_bytes(self, model: ModelConfig) -> int:
-        elem = torch.empty((), dtype=self.torch_dtype(model)).element_size()
+        elem = self.torch_dtype(model).itemsize
         return model.kv_elements_per_token * elem * self.block_size
 
     def num_kv_blocks(self, model: ModelConfig) -> int:

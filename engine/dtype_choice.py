@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from engine.config import DTYPE_NAMES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert sorted(DTYPES) == list(DTYPE_NAMES)
 # /proc/cpuinfo flags that mean the CPU computes bfloat16 natively.
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 _CPUINFO = Path("/proc/cpuinfo")

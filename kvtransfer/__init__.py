@@ -7,8 +7,7 @@ protos/splitserve.proto; `channels` holds the gRPC options (keepalive,
 message size, reconnects) of every connection between router and workers;
 `security` who may call a worker (the cluster's secret, mTLS) and which
 prefill workers a decode worker may dial.
+
+Import from the modules themselves: the router uses `channels` and
+`security` without paying torch's import, which `base` needs.
 """
-
-from kvtransfer.base import KvChunk, KvReceiver, KvRejected, KvSender, TransferStats, send_kv
-
-__all__ = ["KvChunk", "KvReceiver", "KvRejected", "KvSender", "TransferStats", "send_kv"]

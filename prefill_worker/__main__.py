@@ -6,15 +6,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from engine.worker_process import (
-    WorkerLife,
-    add_worker_args,
-    advertised_address,
-    drain,
-    load_engine,
-    run_worker_main,
-    start_metrics_server,
-)
 from kvtransfer.channels import SERVER_OPTIONS
 from kvtransfer.security import (
     ClusterSecurity,
@@ -27,6 +18,15 @@ from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.server import DEFAULT_KV_LEASE_S, PrefillServicer
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
+from worker.process import (
+    WorkerLife,
+    add_worker_args,
+    advertised_address,
+    drain,
+    load_engine,
+    run_worker_main,
+    start_metrics_server,
+)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -37,13 +37,14 @@ from typing import Any
 import grpc
 
 from engine.async_engine import AsyncEngine
-from kvtransfer import ray_backend, send_kv
-from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES, TransferStats
+from kvtransfer import ray_backend
+from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES, TransferStats, send_kv
 from kvtransfer.grpc_backend import GrpcKvSender
 from prefill_worker.metrics import PrefillMetrics
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_from_pb, worker_status
+from worker.status import worker_status
+from worker.wire import params_from_pb
 
 log = logging.getLogger("splitserve.prefill")
 

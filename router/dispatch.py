@@ -27,10 +27,10 @@ import grpc
 from engine.sampling_params import SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
 from router.errors import APIError, bad_request, no_capacity
 from router.metrics import RouterMetrics
 from router.pool import Worker, WorkerPool
+from worker.wire import params_to_pb
 
 # Before the first message, these codes send the request to another worker.
 _RETRY_REASONS = {

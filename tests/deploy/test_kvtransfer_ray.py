@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from kvtransfer import KvReceiver, KvRejected
+from kvtransfer.base import KvReceiver, KvRejected
 from kvtransfer.ray_backend import pack, receive_payload
 from tests.procs import descendants, listening_addresses
 

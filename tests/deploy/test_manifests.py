@@ -525,8 +525,8 @@ def test_workers_have_grpc_health_probes_on_their_grpc_port(
 ) -> None:
     """Readiness and liveness are Kubernetes' native gRPC probes against the
     grpc.health.v1 service the worker really serves, on its --port."""
-    from engine.worker_process import LIVENESS_SERVICE
     from protos import splitserve_pb2 as pb
+    from worker.process import LIVENESS_SERVICE
 
     services = {
         "prefill_worker": pb.DESCRIPTOR.services_by_name["PrefillWorker"].full_name,

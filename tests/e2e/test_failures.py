@@ -19,8 +19,8 @@ import pytest
 from engine import LLM, SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
 from tests.cluster import ServeCluster, assert_all_blocks_free, role_metric
+from worker.wire import params_to_pb
 
 TTL_S = 3.0
 

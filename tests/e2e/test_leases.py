@@ -23,8 +23,8 @@ from engine import LLM, SamplingParams
 from kvtransfer.channels import CHANNEL_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
 from tests.workers import Worker, wait_until_idle
+from worker.wire import params_to_pb
 
 LEASE_S = 3.0
 TTL_S = 120.0  # far longer than keepalive: a wait that ends before it was ended by keepalive

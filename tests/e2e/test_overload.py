@@ -21,8 +21,8 @@ import pytest
 from engine import SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
 from tests.cluster import ServeCluster, assert_all_blocks_free
+from worker.wire import params_to_pb
 
 
 def _complete(url: str, model: str, prompt: list[int], max_tokens: int) -> httpx.Response:

@@ -21,8 +21,8 @@ import pytest
 from engine import LLM, SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
 from tests.workers import Worker, wait_until_idle
+from worker.wire import params_to_pb
 
 MAX_TOKENS = 12
 

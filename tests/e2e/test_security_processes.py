@@ -29,10 +29,10 @@ from kvtransfer.security import (
 )
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
 from router.pool import WorkerPool
 from tests.cluster import ServeCluster, WorkerProcess
 from tests.security_kit import SECRET, SERVING, UNAUTHENTICATED, health_status
+from worker.wire import params_to_pb
 
 ENGINE = ["--dtype", "float32", "--kv-cache-mib", "16", "--threads", "1", "--metrics-port", "0"]
 

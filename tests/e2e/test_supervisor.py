@@ -25,11 +25,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import SamplingParams
-from engine.worker_process import EXIT_ENGINE_DIED, FAULT_STEP_ENV, LIVENESS_SERVICE
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
 from tests.cluster import ServeCluster, free_port
+from worker.process import EXIT_ENGINE_DIED, FAULT_STEP_ENV, LIVENESS_SERVICE
+from worker.wire import params_to_pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -108,7 +108,7 @@ def test_a_worker_whose_engine_dies_fails_its_streams_and_exits(tiny_llama, tmp_
 def test_a_draining_worker_is_not_ready_but_alive(tmp_path):
     """What SIGTERM does to health: readiness fails (Kubernetes stops sending
     requests), liveness holds (a restart would cut the streams it finishes)."""
-    from engine.worker_process import WorkerLife
+    from worker.process import WorkerLife
 
     async def scenario() -> None:
         server = grpc.aio.server()

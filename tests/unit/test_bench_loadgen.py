@@ -9,8 +9,8 @@ import statistics
 
 import pytest
 
-from bench import loadgen
-from bench.loadgen import RequestResult
+from deploy import loadgen
+from deploy.loadgen import RequestResult
 
 
 def test_datasets_are_reproducible_and_shaped_as_named():

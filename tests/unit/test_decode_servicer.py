@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from protos.convert import params_to_pb
+from worker.wire import params_to_pb
 
 
 class BrokenTransport:

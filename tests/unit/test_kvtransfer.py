@@ -13,8 +13,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from decode_worker.remote_prefill import ReservationClock
 from engine import LLM, SamplingParams
-from kvtransfer import KvChunk, KvReceiver, KvRejected, KvSender, TransferStats, send_kv
-from kvtransfer.base import split_layer
+from kvtransfer.base import (
+    KvChunk,
+    KvReceiver,
+    KvRejected,
+    KvSender,
+    TransferStats,
+    send_kv,
+    split_layer,
+)
 from kvtransfer.grpc_backend import GrpcKvSender, chunk_from_proto, chunk_to_proto
 
 BLOCK = (16, 2, 8)  # block_size, kv_heads, head_dim

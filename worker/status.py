@@ -1,45 +1,11 @@
-"""Conversions between the wire messages and the engine's types, shared by
-the router and both workers so each field is mapped in exactly one place."""
+"""A worker's answer to Status, from its engine's latest snapshot."""
 
 from __future__ import annotations
 
 import os
 
 from engine.async_engine import AsyncEngine
-from engine.sampling_params import SamplingParams
 from protos import splitserve_pb2 as pb
-
-
-def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
-    msg = pb.SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        max_tokens=p.max_tokens,
-        ignore_eos=p.ignore_eos,
-        stop=list(p.stop),
-        stop_token_ids=list(p.stop_token_ids),
-    )
-    if p.seed is not None:
-        msg.seed = p.seed
-    if p.logprobs is not None:
-        msg.logprobs = p.logprobs
-    return msg
-
-
-def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
-    """Raises ValueError for parameters the engine rejects."""
-    return SamplingParams(
-        temperature=msg.temperature,
-        top_p=msg.top_p,
-        top_k=msg.top_k,
-        max_tokens=msg.max_tokens,
-        ignore_eos=msg.ignore_eos,
-        stop=tuple(msg.stop),
-        stop_token_ids=tuple(msg.stop_token_ids),
-        seed=msg.seed if msg.HasField("seed") else None,
-        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-    )
 
 
 def worker_status(
