@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from engine.config import DEFAULT_KV_CACHE_MIB, engine_default
+
 # What each pool may scale on. Never utilisation: a decode pool at 100% GPU
 # can still have room in its batch, and a prefill pool at 30% can have a
 # queue that blows every TTFT.
@@ -41,9 +43,13 @@ class Resources(_Strict):
 
 
 class EngineLimits(_Strict):
-    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one step")
-    max_num_seqs: int = Field(64, ge=1, description="cap on the running batch")
-    kv_cache_mib: int = Field(512, ge=1, description="KV cache memory per replica")
+    max_num_batched_tokens: int = Field(
+        engine_default("max_num_batched_tokens"), ge=1, description="token budget of one step"
+    )
+    max_num_seqs: int = Field(
+        engine_default("max_num_seqs"), ge=1, description="cap on the running batch"
+    )
+    kv_cache_mib: int = Field(DEFAULT_KV_CACHE_MIB, ge=1, description="KV cache memory per replica")
     max_model_len: int | None = Field(None, ge=2, description="context length")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")

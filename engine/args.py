@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import DTYPE_NAMES, EngineConfig
+from engine.config import DEFAULT_KV_CACHE_MIB, DTYPE_NAMES, EngineConfig, engine_default
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -12,11 +12,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="local Hugging Face model directory (default: built-in model)")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache memory (MiB)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="cap on the running batch")
     g.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step"
+        "--kv-cache-mib", type=int, default=DEFAULT_KV_CACHE_MIB, help="KV cache memory (MiB)"
+    )
+    g.add_argument(
+        "--block-size", type=int, default=engine_default("block_size"), help="tokens per KV block"
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=engine_default("max_num_seqs"),
+        help="cap on the running batch",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=engine_default("max_num_batched_tokens"),
+        help="token budget of one step",
     )
     g.add_argument("--max-model-len", type=int, default=None, help="context length")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -228,3 +228,12 @@ class EngineConfig:
 
     def num_kv_blocks(self, model: ModelConfig) -> int:
         return self.kv_cache_bytes // self.kv_block_bytes(model)
+
+
+def engine_default(field: str) -> Any:
+    """An EngineConfig field's default: engine defaults live in EngineConfig
+    alone, and every flag, config file and API that offers one reads it here."""
+    return EngineConfig.__dataclass_fields__[field].default
+
+
+DEFAULT_KV_CACHE_MIB: int = engine_default("kv_cache_bytes") // 2**20

@@ -30,7 +30,11 @@ class IncrementalDetokenizer:
         self._read = 0  # tokens whose text is already in self.text
         rust = getattr(tokenizer, "_tokenizer", None)
         self._stream: tuple[Any, Any] | None = None
-        if isinstance(rust, Tokenizer):
+        # DecodeStream does not clean up tokenization spaces (" ," -> ","):
+        # a tokenizer configured to keeps the windowed path, which does.
+        if isinstance(rust, Tokenizer) and not getattr(
+            tokenizer, "clean_up_tokenization_spaces", False
+        ):
             self._stream = (DecodeStream(skip_special_tokens=True), rust)
 
     def push(self, token_id: int) -> str:

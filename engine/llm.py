@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, engine_default
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -41,10 +41,10 @@ class LLM:
         model: str | None = None,
         *,
         dtype: str = "auto",
-        kv_cache_bytes: int = 512 * 2**20,
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        kv_cache_bytes: int = engine_default("kv_cache_bytes"),
+        block_size: int = engine_default("block_size"),
+        max_num_seqs: int = engine_default("max_num_seqs"),
+        max_num_batched_tokens: int = engine_default("max_num_batched_tokens"),
         max_model_len: int | None = None,
         device: str = "auto",
         attention_backend: str = "auto",

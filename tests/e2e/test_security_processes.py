@@ -259,8 +259,9 @@ def test_splitserve_serve_hands_its_secret_to_the_workers_through_the_environmen
             argv = cmdline(workers[role]["pid"])
             assert not any(cluster.secret in arg for arg in argv), f"{role}: secret in argv"
         decode_argv = cmdline(workers["decode"]["pid"])
-        i = decode_argv.index("--prefill-addresses")
-        assert decode_argv[i + 1] == workers["prefill"]["address"]
+        # The only prefill worker it may dial: the one the launcher listed for it.
+        listing = Path(decode_argv[decode_argv.index("--prefill-addresses-file") + 1])
+        assert listing.read_text().split() == [workers["prefill"]["address"]]
     finally:
         assert cluster.stop() == []
     assert cluster.secret not in cluster.log_path.read_text(errors="replace")
