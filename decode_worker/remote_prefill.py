@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -164,6 +164,68 @@ class ReservationClock:
 MAX_LOGGED_UNKNOWN = 1000
 
 
+class Attempt(Protocol):
+    """One try at one prefill worker (or one pick of the runtime's): `run`
+    gets the KV into the reservation or raises one of `errors`, cancelling
+    whatever call it opened on any exception."""
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]: ...
+
+    async def run(
+        self,
+        prefill: pb.PrefillRequest,
+        receiver: KvReceiver,
+        clock: ReservationClock,
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None: ...
+
+    def failed(self, e: BaseException) -> tuple[str, bool]:
+        """Why it failed, and whether another attempt may succeed."""
+        ...
+
+
+async def fill_in_turn(
+    attempts: Iterable[Attempt],
+    receiver: KvReceiver,
+    request: Request,
+    block_table: list[int],
+    block_size: int,
+    ttl_s: float,
+    events: asyncio.Queue[PrefillEvent],
+    result: PrefillResult,
+) -> None:
+    """The retry loop both transports share: each attempt in turn, under a
+    fresh reservation generation, while the reservation lasts; reports
+    kv_ready after the first that completes, or failed with every reason."""
+    rid = request.request_id
+    clock = ReservationClock(receiver, rid, block_table, ttl_s)
+    try:
+        for attempt in attempts:
+            if clock.remaining() <= 0:
+                result.failures.append("the KV reservation expired")
+                break
+            try:
+                async with clock.attempt() as generation:
+                    prefill = _prefill_request(request, block_table, block_size, generation)
+                    await attempt.run(prefill, receiver, clock, events, result)
+                events.put_nowait(PrefillEvent("kv_ready"))
+                return
+            except attempt.errors as e:
+                # The next attempt opens a new generation: whatever this one
+                # still sends is rejected; chunks it wrote are overwritten.
+                reason, again = attempt.failed(e)
+                result.failures.append(reason)
+                log.warning("request %s: %s", rid, reason)
+                if not again:
+                    break
+        error = "; ".join(result.failures) or "no prefill worker"
+        events.put_nowait(PrefillEvent("failed", error=error))
+    finally:
+        receiver.close(rid)
+
+
 class GrpcPrefill:
     """The prefill workers the router named, tried in its order over gRPC;
     one channel per address, opened on first use.
@@ -237,54 +299,53 @@ class GrpcPrefill:
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
     ) -> None:
-        rid = request.request_id
-        clock = ReservationClock(receiver, rid, block_table, ttl_s)
+        known = await self.known_addresses(addresses)
+        if not known:
+            result.failures.append("no prefill worker the request named is known here")
+        attempts = [_GrpcAttempt(self.stub(address), address, ttl_s) for address in known]
+        await fill_in_turn(
+            attempts, receiver, request, block_table, block_size, ttl_s, events, result
+        )
+
+
+class _GrpcAttempt:
+    """One prefill worker, over its Prefill stream."""
+
+    errors: tuple[type[BaseException], ...] = (
+        grpc.aio.AioRpcError,
+        # A call the peer already ended, seen through an interceptor (the
+        # cluster secret's): not an AioRpcError.
+        asyncio.InvalidStateError,
+        PrefillFailed,
+        KvRejected,
+        TimeoutError,
+    )
+
+    def __init__(self, stub: pb_grpc.PrefillWorkerStub, address: str, ttl_s: float) -> None:
+        self.stub, self.address, self.ttl_s = stub, address, ttl_s
+
+    async def run(
+        self,
+        prefill: pb.PrefillRequest,
+        receiver: KvReceiver,
+        clock: ReservationClock,
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None:
+        # The call's own deadline, a backstop that P sees too: the rest of
+        # the reservation for the first token, and one TTL more for the KV
+        # (renewals count within it).
+        call = self.stub.Prefill(timeout=clock.remaining() + self.ttl_s)
         try:
-            known = await self.known_addresses(addresses)
-            if not known:
-                result.failures.append("no prefill worker the request named is known here")
-            for address in known:
-                if clock.remaining() <= 0:
-                    result.failures.append("the KV reservation expired")
-                    break
-                call: grpc.aio.StreamStreamCall | None = None
-                try:
-                    async with clock.attempt() as generation:
-                        prefill = _prefill_request(request, block_table, block_size, generation)
-                        # The call's own deadline, a backstop that P sees too:
-                        # the rest of the reservation for the first token, and
-                        # one TTL more for the KV (renewals count within it).
-                        call = self.stub(address).Prefill(timeout=clock.remaining() + ttl_s)
-                        await _one_attempt(call, prefill, address, receiver, clock, events, result)
-                    events.put_nowait(PrefillEvent("kv_ready"))
-                    return
-                except (
-                    grpc.aio.AioRpcError,
-                    # A call the peer already ended, seen through an
-                    # interceptor (the cluster secret's): not an AioRpcError.
-                    asyncio.InvalidStateError,
-                    PrefillFailed,
-                    KvRejected,
-                    TimeoutError,
-                ) as e:
-                    if call is not None:
-                        call.cancel()
-                    reason = _describe(e, address)
-                    result.failures.append(reason)
-                    log.warning("request %s: %s", rid, reason)
-                    # The next attempt opens a new generation: whatever this
-                    # one still sends is rejected; chunks it wrote are simply
-                    # overwritten.
-                except BaseException:
-                    # Cancelled (the client went away): end the call so the
-                    # prefill worker stops sending and frees its blocks now.
-                    if call is not None:
-                        call.cancel()
-                    raise
-            error = "; ".join(result.failures) or "no prefill worker"
-            events.put_nowait(PrefillEvent("failed", error=error))
-        finally:
-            receiver.close(rid)
+            await _one_attempt(call, prefill, self.address, receiver, clock, events, result)
+        except BaseException:
+            # Failed, or cancelled (the client went away): end the call so the
+            # prefill worker stops sending and frees its blocks now.
+            call.cancel()
+            raise
+
+    def failed(self, e: BaseException) -> tuple[str, bool]:
+        return _describe(e, self.address), True
 
 
 # Sends a serialized PrefillRequest to some prefill worker and yields what it
@@ -317,33 +378,37 @@ class ObjectStorePrefill:
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
     ) -> None:
-        rid = request.request_id
-        clock = ReservationClock(receiver, rid, block_table, ttl_s)
+        attempts = [self] * self.attempts  # the runtime picks a worker each time
+        await fill_in_turn(
+            attempts, receiver, request, block_table, block_size, ttl_s, events, result
+        )
+
+    errors: tuple[type[BaseException], ...] = (Exception,)  # the runtime's own types
+
+    async def run(
+        self,
+        prefill: pb.PrefillRequest,
+        receiver: KvReceiver,
+        clock: ReservationClock,
+        events: asyncio.Queue[PrefillEvent],
+        result: PrefillResult,
+    ) -> None:
         try:
-            for _ in range(self.attempts):
-                if clock.remaining() <= 0:
-                    result.failures.append("the KV reservation expired")
-                    break
-                try:
-                    async with clock.attempt() as generation:
-                        prefill = _prefill_request(request, block_table, block_size, generation)
-                        wire = prefill.SerializeToString()
-                        await self._one_attempt(wire, receiver, rid, clock, events, result)
-                    events.put_nowait(PrefillEvent("kv_ready"))
-                    return
-                except Exception as e:  # the runtime's errors are its own types
-                    reason = f"object-store prefill failed: {type(e).__name__}: {e}"
-                    if isinstance(e, TimeoutError):
-                        reason = "no prefill worker delivered the KV before the reservation expired"
-                    result.failures.append(reason)
-                    log.warning("request %s: %s", rid, reason)
-                    receiver.close(rid)
-                    if "INVALID_ARGUMENT" in str(e):
-                        break  # no other worker will take it either
-            error = "; ".join(result.failures) or "no prefill worker"
-            events.put_nowait(PrefillEvent("failed", error=error))
-        finally:
-            receiver.close(rid)
+            await self._one_attempt(
+                prefill.SerializeToString(), receiver, prefill.request_id, clock, events, result
+            )
+        except BaseException:  # a timeout arrives here as a cancellation
+            receiver.close(prefill.request_id)
+            raise
+
+    def failed(self, e: BaseException) -> tuple[str, bool]:
+        if isinstance(e, TimeoutError):
+            return "no prefill worker delivered the KV before the reservation expired", True
+        # An argument the worker refused: no other worker will take it either.
+        return (
+            f"object-store prefill failed: {type(e).__name__}: {e}",
+            "INVALID_ARGUMENT" not in str(e),
+        )
 
     async def _one_attempt(
         self,

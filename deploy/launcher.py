@@ -305,8 +305,10 @@ class LocalCluster:
 
     def serve(self) -> None:
         """Start the workers, serve the router until interrupted, stop the workers."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from kvtransfer.security import ClusterSecurity
-        from router.server import RouterConfig, bind_listener, serve
+        from router.server import RouterConfig, bind_listener, load_served_model, serve
 
         # uvicorn re-raises SIGTERM after its own shutdown; as an exception
         # (not the default action, which kills at once) it reaches `finally`
@@ -315,7 +317,15 @@ class LocalCluster:
         spec = self.spec
         # Bound first: a taken port fails before any worker loads a model.
         listener = bind_listener(spec.host, spec.port)
-        self.start_workers()
+        # The router's tokenizer loads (seconds, most of it importing
+        # transformers) while the workers load their models.
+        with ThreadPoolExecutor(1, thread_name_prefix="router-load") as pool:
+            served = pool.submit(
+                load_served_model,
+                RouterConfig(model=spec.model, served_model_name=spec.served_model_name),
+            )
+            self.start_workers()
+            served_model = served.result()
         config = RouterConfig(
             model=spec.model,
             served_model_name=spec.served_model_name,
@@ -335,7 +345,7 @@ class LocalCluster:
         banner = _banner(url, name, self.workers, bool(spec.api_key))
         try:
             # Printed once the port is bound, so its curl line works at once.
-            serve(config, listener, on_listening=lambda: print(banner, flush=True))
+            serve(config, listener, lambda: print(banner, flush=True), served_model)
         finally:
             self.stop()
 

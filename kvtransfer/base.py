@@ -46,6 +46,15 @@ class KvRejected(Exception):
     blocks outside it, or a layout that does not match the pool."""
 
 
+# The dtypes KV travels in, by the name a message or payload carries: the
+# one table both backends read.
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+WIRE_DTYPES = {dtype_name(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
+
+
 @dataclass(frozen=True, slots=True)
 class KvChunk:
     request_id: str

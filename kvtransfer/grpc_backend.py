@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from kvtransfer.base import KvChunk, KvRejected, KvSender, TransferStats
+from kvtransfer.base import WIRE_DTYPES, KvChunk, KvRejected, KvSender, TransferStats, dtype_name
 from kvtransfer.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVER_OPTIONS
 from protos import splitserve_pb2 as pb
 
@@ -27,15 +27,13 @@ __all__ = [
     "chunk_to_proto",
 ]
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32)}
-
 
 def chunk_to_proto(chunk: KvChunk) -> pb.KvChunk:
     return pb.KvChunk(
         request_id=chunk.request_id,
         layer=chunk.layer,
         block_ids=chunk.block_ids,
-        dtype=str(chunk.key.dtype).removeprefix("torch."),
+        dtype=dtype_name(chunk.key.dtype),
         shape=list(chunk.key.shape),
         key=_tensor_bytes(chunk.key),
         value=_tensor_bytes(chunk.value),
@@ -46,7 +44,7 @@ def chunk_to_proto(chunk: KvChunk) -> pb.KvChunk:
 def chunk_from_proto(msg: pb.KvChunk) -> KvChunk:
     """Zero-copy: the tensors view the message's bytes (read-only; the
     receiver copies them into its pool)."""
-    dtype = _DTYPES.get(msg.dtype)
+    dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
         raise KvRejected(f"unsupported KV dtype {msg.dtype!r}")
     shape = tuple(msg.shape)

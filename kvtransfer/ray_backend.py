@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvtransfer.base import KvChunk, KvReceiver, KvRejected
+from kvtransfer.base import WIRE_DTYPES, KvChunk, KvReceiver, KvRejected, dtype_name
 
+# Views that carry each wire dtype through numpy, which has no bfloat16.
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.float32}
-_DTYPES = {str(d).removeprefix("torch."): d for d in _BITS}
+assert set(_BITS) == set(WIRE_DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def pack(
 
     return RayKvPayload(
         request_id=request_id,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name(dtype),
         block_ids=tuple(block_ids),
         keys=tuple(bits(k) for k, _ in layers),
         values=tuple(bits(v) for _, v in layers),
@@ -75,7 +76,7 @@ def receive_payload(receiver: KvReceiver, payload: RayKvPayload) -> int:
     """Write every layer into the reservation (KvReceiver checks each);
     returns the bytes written. Raises KvRejected for a payload that does not
     fit the reservation or the pool."""
-    dtype = _DTYPES.get(payload.dtype)
+    dtype = WIRE_DTYPES.get(payload.dtype)
     if dtype is None:
         raise KvRejected(f"unsupported KV dtype {payload.dtype!r}")
     if len(payload.keys) != len(payload.values):

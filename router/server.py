@@ -106,9 +106,10 @@ def load_served_model(config: RouterConfig) -> ServedModel:
     )
 
 
-def build_app(config: RouterConfig) -> FastAPI:
-    """The router as an ASGI app; worker polling runs during its lifespan."""
-    served = load_served_model(config)
+def build_app(config: RouterConfig, served: ServedModel | None = None) -> FastAPI:
+    """The router as an ASGI app; worker polling runs during its lifespan.
+    `served`: the model's tokenizer and limits, if already loaded."""
+    served = served if served is not None else load_served_model(config)
     metrics = RouterMetrics()
     pool = WorkerPool(
         config.decode_addresses,
@@ -244,6 +245,7 @@ def serve(
     config: RouterConfig,
     listener: socket.socket | None = None,
     on_listening: Callable[[], None] | None = None,
+    served: ServedModel | None = None,
 ) -> None:
     """Run the router until interrupted (Ctrl-C or SIGTERM stop it cleanly).
 
@@ -252,7 +254,7 @@ def serve(
     the backlog while the app starts, instead of being refused."""
     import uvicorn
 
-    app = build_app(config)
+    app = build_app(config, served)
     sock = listener if listener is not None else bind_listener(config.host, config.port)
     if on_listening is not None:
         on_listening()

@@ -1,0 +1,111 @@
+"""The router's TextAssembler (router/textstream.py), in process: text is
+released as soon as it cannot be part of a stop string, never past one, and
+the whole equals the offline engine's text for the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from router.textstream import TextAssembler
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_llama):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def ids_of(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def stream(asm: TextAssembler, ids: list[int]) -> list[str]:
+    """Push each token and take what is released after it."""
+    out = []
+    for i in ids:
+        if asm.stopped:
+            break
+        asm.push(i, None)
+        out.append(asm.take()[0])
+    return out
+
+
+def test_without_stop_strings_every_token_is_released_at_once(tok):
+    ids = ids_of(tok, "the quick brown fox jumps over the lazy dog")
+    asm = TextAssembler(tok, (), logprobs=False)
+    pieces = stream(asm, ids)
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert asm.finish() == ("", [])
+
+
+def test_text_that_may_begin_a_stop_string_is_held_back_then_cut(tok):
+    ids = ids_of(tok, "one two three STOP four five")
+    asm = TextAssembler(tok, ("STOP",), logprobs=False)
+    pieces = stream(asm, ids)
+    sent = "".join(pieces)
+    assert asm.stopped and asm.stop_string == "STOP"
+    rest, _ = asm.finish()
+    assert sent + rest == "one two three "  # nothing of the stop string, nothing after it
+
+
+def test_a_stop_string_split_across_tokens_is_found(tok):
+    text = "alpha beta gamma delta"
+    ids = ids_of(tok, text)
+    asm = TextAssembler(tok, ("ta gam",), logprobs=False)
+    sent = "".join(stream(asm, ids))
+    rest, _ = asm.finish()
+    assert sent + rest == "alpha be"
+
+
+def test_the_workers_stop_string_still_cuts_the_final_text(tok):
+    # The worker matched a stop string the router's text did not show (it
+    # cannot with the same tokenizer; the router still never sends past it).
+    ids = ids_of(tok, "red green blue")
+    last = tok.decode(ids[-1:], skip_special_tokens=True)
+    asm = TextAssembler(tok, (), logprobs=False)
+    for i in ids[:-1]:
+        asm.push(i, None)
+    head, _ = asm.take()
+    asm.push(ids[-1], None, check_stop=False)
+    rest, _ = asm.finish(worker_stop_string=last)
+    assert head + rest == tok.decode(ids[:-1], skip_special_tokens=True)
+    assert asm.stop_string == last
+
+
+def test_logprob_entries_carry_each_token_and_its_offset(tok):
+    ids = ids_of(tok, "hello there world")
+    asm = TextAssembler(tok, (), logprobs=True)
+    entries = []
+    for n, i in enumerate(ids):
+        asm.push(i, -0.5 * n)
+        entries += asm.take()[1]
+    entries += asm.finish()[1]
+    assert [e.token_id for e in entries] == ids
+    assert [e.logprob for e in entries] == [-0.5 * n for n in range(len(ids))]
+    offsets = [e.offset for e in entries]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    for e in entries:  # each token's own text is where its offset says
+        assert asm.text[e.offset :].startswith(e.text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_streamed_text_never_passes_a_stop_string(tok, data):
+    words = ["ab", "cd", "ef", "gh", " ", "a", "bc"]
+    text = "".join(data.draw(st.lists(st.sampled_from(words), min_size=1, max_size=30)))
+    stop = data.draw(st.sampled_from(["cde", "b c", "hab", "zz"]))
+    ids = ids_of(tok, text)
+    asm = TextAssembler(tok, (stop,), logprobs=False)
+    sent = ""
+    for i in ids:
+        if asm.stopped:
+            break
+        asm.push(i, None)
+        sent += asm.take()[0]
+        assert stop not in sent
+    final = sent + asm.finish()[0]
+    whole = tok.decode(ids, skip_special_tokens=True)
+    cut = whole.find(stop)
+    assert final == (whole if cut == -1 else whole[:cut])
