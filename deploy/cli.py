@@ -13,7 +13,7 @@ from deploy.commands import bench, doctor, model, ray, serve
 log = logging.getLogger("splitserve")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitserve",
         description="LLM serving with prefill and decode on separate pools.",
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -167,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
     decode_extra += ["--max-waiting-prompt-tokens", str(args.max_waiting_prompt_tokens)]
     decode_extra += ["--kv-failure-policy", args.kv_failure_policy]
     if args.config:
-        spec_kwargs = _spec_from_config(args)
+        spec_kwargs = spec_from_config(args)
     else:
         engine = _engine_args(
             _or(args.kv_cache_mib, DEFAULT_KV_CACHE_MIB),
@@ -228,7 +228,7 @@ CONFIG_OWNED_FLAGS = {
 }
 
 
-def _spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
+def spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
     """ClusterSpec fields from a scaling config (pools, per-pool engine limits,
     router); --host and --port override the router's address."""
     from deploy.config import ConfigError, load_config, pool_engine_args

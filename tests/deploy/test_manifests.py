@@ -1133,7 +1133,7 @@ def test_usage_starts_splitserve_up_on_the_cluster_with_a_config_that_fits(
 ) -> None:
     import ray
 
-    from deploy.cli import _parser as cli_parser
+    from deploy.cli import build_parser as cli_parser
     from deploy.ray_cluster import check_fits
 
     usage = _usage(CLUSTER)

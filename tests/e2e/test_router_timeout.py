@@ -104,9 +104,10 @@ def test_a_request_within_the_timeout_is_untouched(cluster):
     ],
 )
 def test_serve_takes_the_timeout_from_the_flag_or_the_config(tmp_path, flag, in_config, expected):
-    from deploy.cli import _parser, _spec_from_config
+    from deploy.cli import build_parser
+    from deploy.commands.serve import spec_from_config
 
     config = tmp_path / "cluster.yaml"
     config.write_text(f"router:\n  port: 8000\n{in_config}pools:\n  colocated:\n    replicas: 1\n")
-    args = _parser().parse_args(["serve", "--config", str(config), *flag])
-    assert _spec_from_config(args)["request_timeout_s"] == expected
+    args = build_parser().parse_args(["serve", "--config", str(config), *flag])
+    assert spec_from_config(args)["request_timeout_s"] == expected
