@@ -14,7 +14,7 @@ read it from their environment (kvtransfer/security.py).
 
 An embedded Ray listens on 127.0.0.1 only: Ray otherwise picks the machine's
 other interface, and Serve replicas bind their internal gRPC server to all
-interfaces; the setup hook below rebinds it (ENVIRONMENT.md).
+interfaces; the setup hook below rebinds it (docs/ray.md).
 """
 
 from __future__ import annotations

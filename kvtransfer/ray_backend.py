@@ -9,7 +9,7 @@ each layer once, into the reserved blocks, through the same KvReceiver
 checks as the gRPC path.
 
 Torch tensors are not sent as such: without RAY_ENABLE_ZERO_COPY_TORCH_TENSORS
-they are copied on both sides (ENVIRONMENT.md); numpy views of their bits
+they are copied on both sides (measured: docs/ray.md); numpy views of their bits
 are not. numpy has no bfloat16, so 16-bit dtypes travel as int16 bits with
 the torch dtype named beside them.
 """

@@ -16,7 +16,7 @@ from kvtransfer.base import KvReceiver, KvRejected
 from kvtransfer.ray_backend import pack, receive_payload
 from tests.procs import descendants, listening_addresses
 
-# Loopback only, no usage stats, no auth token left behind (ENVIRONMENT.md).
+# Loopback only, no usage stats, no auth token left behind.
 # Ray reads these when it is imported, so before the import.
 for _key, _value in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
