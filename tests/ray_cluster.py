@@ -22,37 +22,39 @@ from tests.procs import alive, descendants
 DECODE_DOWNSCALE_DELAY_S = 6.0
 
 
-def _config(model: Path, port: int) -> dict:
-    def pool(replicas: int, kv_mib: int, signal: str, target: float, down_s: float) -> dict:
-        return {
-            "replicas": replicas,
-            "min_replicas": 1,
-            "max_replicas": 2,
-            "resources": {"num_cpus": 0.5},
-            "engine": {
-                "kv_cache_mib": kv_mib,
-                "max_num_batched_tokens": 1024,
-                "threads": 1,
-                "dtype": "float32",
-            },
-            "autoscaling": {
-                "signal": signal,
-                "target": target,
-                "upscale_delay_s": 0.5,
-                "downscale_delay_s": down_s,
-            },
-            "drain_timeout_s": 90,
-        }
+EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples"
 
-    return {
-        "model": str(model),
-        "kv_transport": "ray",
-        "router": {"host": "127.0.0.1", "port": port},
-        "pools": {
-            "prefill": pool(1, 16, "queued_prompt_tokens", 256, 5.0),
-            "decode": pool(2, 128, "kv_cache_usage", 0.9, DECODE_DOWNSCALE_DELAY_S),
-        },
+
+def example_config(name: str, model: Path) -> dict:
+    """A shipped example config on the test model, in float32 (greedy output
+    compared exactly)."""
+    config = yaml.safe_load((EXAMPLES / name).read_text())
+    config["model"] = str(model)
+    for pool in config["pools"].values():
+        pool.setdefault("engine", {})["dtype"] = "float32"
+    return config
+
+
+def _config(model: Path, port: int) -> dict:
+    """ray-laptop.yaml (KV through the object store) as shipped but for sizes
+    and timings the autoscaling tests need: small KV caches and low targets a
+    test load crosses, delays of seconds, one thread per replica, and a decode
+    pool that starts at 2 replicas."""
+    config = example_config("ray-laptop.yaml", model)
+    config["router"]["port"] = port
+    sizes = {
+        "prefill": dict(kv_mib=16, target=256, down_s=5.0),
+        "decode": dict(kv_mib=128, target=0.9, down_s=DECODE_DOWNSCALE_DELAY_S),
     }
+    for name, s in sizes.items():
+        pool = config["pools"][name]
+        pool["engine"].update(kv_cache_mib=s["kv_mib"], max_num_batched_tokens=1024, threads=1)
+        pool["autoscaling"].update(
+            target=s["target"], upscale_delay_s=0.5, downscale_delay_s=s["down_s"]
+        )
+        pool["drain_timeout_s"] = 90
+    config["pools"]["decode"]["replicas"] = 2
+    return config
 
 
 class RayUp:
@@ -161,3 +163,10 @@ def assert_greedy_equals_offline(ray_up: RayUp) -> dict:
     ).json()["splitserve_timings"]
     assert timings["kv_transfer_bytes"] > 0  # the prompt's KV came from the prefill pool
     return timings
+
+
+def assert_served_greedy_by_its_prefill_pool(cluster: RayUp) -> None:
+    timings = assert_greedy_equals_offline(cluster)
+    # The answer names the prefill worker that computed the prompt.
+    prefill = [w["address"] for w in cluster.pools()["prefill"]]
+    assert timings["prefill_worker"] in prefill, (timings, prefill)

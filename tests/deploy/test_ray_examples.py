@@ -1,8 +1,8 @@
-"""`splitserve up` with each shipped example config (the tiny model in place
-of the built-in one, float32 so greedy output can be compared exactly): KV
-through the object store (ray-laptop.yaml, on the Ray cluster `up` starts)
-and over gRPC between replicas (laptop.yaml, on a running cluster `up`
-joins)."""
+"""`splitserve up --address` onto a Ray cluster it did not start, with the
+shipped laptop.yaml (KV over gRPC between replicas; the tiny model in place
+of the built-in one, float32 so greedy output can be compared exactly).
+ray-laptop.yaml (KV through the object store) is what tests/deploy/test_ray_up.py
+deploys, with smaller sizes and shorter timings."""
 
 from __future__ import annotations
 
@@ -13,38 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from tests.cluster import free_port
 from tests.procs import alive, descendants, listening_addresses
-from tests.ray_cluster import RayUp, assert_greedy_equals_offline
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
-
-
-def example_config(name: str, model: Path) -> dict:
-    config = yaml.safe_load((EXAMPLES / name).read_text())
-    config["model"] = str(model)
-    for pool in config["pools"].values():
-        pool.setdefault("engine", {})["dtype"] = "float32"
-    return config
-
-
-def assert_served_greedy_by_its_prefill_pool(cluster: RayUp) -> None:
-    timings = assert_greedy_equals_offline(cluster)
-    # The answer names the prefill worker that computed the prompt.
-    prefill = [w["address"] for w in cluster.pools()["prefill"]]
-    assert timings["prefill_worker"] in prefill, (timings, prefill)
-
-
-def test_up_with_the_object_store_example(tmp_path, tiny_llama):
-    cluster = RayUp(tmp_path, tiny_llama, example_config("ray-laptop.yaml", tiny_llama))
-    try:
-        assert_served_greedy_by_its_prefill_pool(cluster)
-        assert cluster.down() == 0
-        assert cluster.proc.wait(timeout=60) == 0
-    finally:
-        cluster.stop()
+from tests.ray_cluster import RayUp, assert_served_greedy_by_its_prefill_pool, example_config
 
 
 def test_up_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path, tiny_llama):

@@ -8,7 +8,7 @@ import json
 from bench import soak
 from bench.soak import SoakConfig, plan_chaos
 
-# -- a 36-second soak --------------------------------------------------------------
+# -- a 30-second soak --------------------------------------------------------------
 
 # About saturation for the tiny model's 1P+2D cluster on the 2-core test
 # machine (--rate auto measured ~5 req/s with 32 in flight).
@@ -18,12 +18,12 @@ RATE = 5.0
 def test_chaos_loses_nothing_and_leaks_nothing(tiny_llama, tmp_path):
     config = SoakConfig(
         model=str(tiny_llama),
-        minutes=0.6,
+        minutes=0.5,
         rate=RATE,
         seed=1,
-        # Steps at 8-12 s intervals, kills and freezes in turn: the first two
-        # (by 24 s at the latest) are one kill and one freeze.
-        chaos_interval_s=(8.0, 12.0),
+        # Steps at 7-10 s intervals, kills and freezes in turn: the first two
+        # (by 20 s at the latest) are one kill and one freeze.
+        chaos_interval_s=(7.0, 10.0),
         # Small pools, so the load also reaches KV pressure (preemption,
         # backpressure) while workers die.
         kv_cache_mib=2,
