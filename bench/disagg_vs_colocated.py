@@ -44,7 +44,7 @@ import httpx
 
 from bench.serving import cluster  # a `splitserve serve` cluster, ready when it yields
 from deploy import loadgen
-from deploy.doctor import snapshot, window_cores_busy
+from deploy.cluster_metrics import snapshot, window_cores_busy
 from engine.builtin_model import ensure_default_model
 
 TARGET_ATTAINMENT = 0.9

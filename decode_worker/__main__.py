@@ -10,12 +10,11 @@ from decode_worker.metrics import DecodeMetrics
 from decode_worker.remote_prefill import GrpcPrefill
 from decode_worker.server import DecodeOptions, DecodeServicer, add_decode_args
 from kvtransfer.channels import SERVER_OPTIONS
+from kvtransfer.peers import add_known_prefill_args, known_prefill_from_args
 from kvtransfer.security import (
     ClusterSecurity,
-    add_known_prefill_args,
     add_port,
     add_security_args,
-    known_prefill_from_args,
     make_server,
     warn_if_open,
 )

@@ -37,8 +37,9 @@ import grpc
 from engine.request import Request
 from kvtransfer.base import KvReceiver, KvRejected
 from kvtransfer.grpc_backend import chunk_from_proto
+from kvtransfer.peers import KnownPeers
 from kvtransfer.ray_backend import receive_payload
-from kvtransfer.security import ClusterSecurity, KnownPeers, secure_channel
+from kvtransfer.security import ClusterSecurity, secure_channel
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from worker.wire import params_to_pb

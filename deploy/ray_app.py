@@ -244,7 +244,7 @@ class DecodeReplica(_WorkerReplica):
     def _make_servicer(self) -> Any:
         from decode_worker.remote_prefill import GrpcPrefill, ObjectStorePrefill, PrefillTransport
         from decode_worker.server import DecodeOptions, DecodeServicer
-        from kvtransfer.security import KnownPeers
+        from kvtransfer.peers import KnownPeers
         from protos import splitserve_pb2_grpc as pb_grpc
 
         # gRPC: only the prefill replicas in the Directory are ever dialled.

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 # Shared with the decode workers, which resolve the prefill pool's name the
 # same way to know which prefill workers they may dial.
-from kvtransfer.security import resolve_all, split_host_port
+from kvtransfer.peers import resolve_all, split_host_port
 from router.pool import Discover
 
 __all__ = ["dns_discovery", "resolve_all", "split_host_port"]

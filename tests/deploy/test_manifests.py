@@ -714,7 +714,7 @@ def test_router_and_workers_share_one_cluster_secret_and_read_it(
 def test_decode_workers_dial_only_the_prefill_pool_the_router_names(
     grpc_docs: list[dict[str, Any]],
 ) -> None:
-    from kvtransfer.security import known_prefill_from_args
+    from kvtransfer.peers import known_prefill_from_args
 
     _, router_args = _router(grpc_docs)
     decode = [args for _, module, args in _workers(grpc_docs).values() if module == "decode_worker"]

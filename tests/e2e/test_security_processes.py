@@ -23,10 +23,7 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
-from kvtransfer.security import (
-    ClusterSecurity,
-    secure_channel,
-)
+from kvtransfer.security import ClusterSecurity, secure_channel
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from router.pool import WorkerPool

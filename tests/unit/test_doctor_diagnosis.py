@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.doctor import PoolReport, Snapshot, diagnose, parse_metrics, window_quantile
+from deploy.cluster_metrics import PoolReport, Snapshot, parse_metrics, window_quantile
+from deploy.doctor import diagnose
 
 HIST = """# TYPE splitserve_router_ttft_seconds histogram
 splitserve_router_ttft_seconds_bucket{{le="0.1"}} {a}

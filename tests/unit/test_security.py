@@ -19,11 +19,11 @@ import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
 from kvtransfer.channels import SERVER_OPTIONS
+from kvtransfer.peers import KnownPeers
 from kvtransfer.security import (
     SECRET_ENV,
     SECRET_METADATA,
     ClusterSecurity,
-    KnownPeers,
     add_port,
     add_security_args,
     launch_secret,
@@ -283,7 +283,7 @@ def test_known_peers_keep_the_last_answer_when_the_source_fails_or_hangs():
 
 
 def test_prefill_flags_name_fixed_addresses_or_a_dns_name():
-    from kvtransfer.security import add_known_prefill_args, known_prefill_from_args
+    from kvtransfer.peers import add_known_prefill_args, known_prefill_from_args
 
     p = argparse.ArgumentParser()
     add_known_prefill_args(p)
@@ -306,7 +306,7 @@ def test_prefill_addresses_from_a_file_that_appears_later(tmp_path, monkeypatch)
     """How `splitserve serve` starts both pools at once: the decode worker
     is named a file that does not exist yet; once written, the addresses in
     it are known (after the lookup interval, as a DNS name's would be)."""
-    from kvtransfer.security import add_known_prefill_args, known_prefill_from_args
+    from kvtransfer.peers import add_known_prefill_args, known_prefill_from_args
 
     p = argparse.ArgumentParser()
     add_known_prefill_args(p)
