@@ -25,6 +25,8 @@ import grpc
 from kvtransfer.security import ClusterSecurity, secure_channel  # keepalive, secret, TLS
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
+from router import selection
+from router.selection import Policy
 
 log = logging.getLogger("splitserve.router")
 
@@ -136,7 +138,7 @@ class WorkerPool:
         poll_timeout_s: float = 1.0,
         vocab_size: int | None = None,
         discover: Discover | None = None,
-        policy: Literal["least_loaded", "round_robin"] = "least_loaded",
+        policy: Policy = "least_loaded",
         security: ClusterSecurity | None = None,
     ) -> None:
         self.vocab_size = vocab_size  # the router's model: workers must match it
@@ -294,73 +296,28 @@ class WorkerPool:
     def healthy_prefill(self) -> list[Worker]:
         return [w for w in self.prefill if w.healthy]
 
-    # -- selection -------------------------------------------------------------
+    # -- selection (the policy is router/selection.py) ------------------------------
 
     def pick_decode(self, prompt_len: int, exclude: set[str]) -> Worker | None:
-        """The best healthy decode worker not in `exclude`, or None.
-
-        least_loaded: those whose (estimated) free blocks fit the prompt
-        first (a hint: the worker alone decides), then most free blocks, then
-        fewest requests running and queued, then round-robin.
-        round_robin: in turn, skipping only those that (by the estimate)
-        cannot fit the prompt.
-
-        Either way a worker whose queue is at its bound (Worker.queue_full) is
-        skipped, as it would refuse the request: when all are, the caller
-        answers 503 at once instead of asking each. The bound holds for a
-        colocated worker, and for a decode worker only while it would prefill
-        itself (the router knows no healthy prefill worker); otherwise its
-        queue waits on the prefill pool, which has its own.
-        """
-        candidates = [
-            (i, w)
-            for i, w in enumerate(self.decode)
-            if w.healthy and w.address not in exclude and not self.queue_full(w)
-        ]
-        if not candidates:
-            return None
-        turn = next(self._rr)
-        n = len(self.decode)
-
-        def key(iw: tuple[int, Worker]) -> tuple[bool, int, int, int]:
-            i, w = iw
-            free = w.est_free_blocks()
-            need = -(-prompt_len // w.block_size)
-            if self.policy == "round_robin":
-                return (free < need, 0, 0, (i - turn) % n)
-            load = (w.status.running + w.status.waiting) if w.status else 0
-            return (free < need, -free, load + w.in_flight, (i - turn) % n)
-
-        return min(candidates, key=key)[1]
+        """The best healthy decode worker not in `exclude`, or None (see
+        selection.pick_decode)."""
+        return selection.pick_decode(
+            self.decode, prompt_len, exclude, self.policy, next(self._rr), self.queue_full
+        )
 
     def queue_full(self, w: Worker) -> bool:
-        """Whether decode worker `w` would refuse a request for its queue bound
-        (see pick_decode: colocated, or no healthy prefill worker)."""
+        """Whether decode worker `w` would refuse a request for its queue bound:
+        the bound holds for a colocated worker, and for a decode worker only
+        while it would prefill itself (no healthy prefill worker); otherwise
+        its queue waits on the prefill pool, which has its own."""
         return (w.role == "colocated" or not self.healthy_prefill) and w.queue_full()
 
     def rank_prefill(self, decode: Worker) -> list[Worker]:
         """Healthy prefill workers for `decode` to try, best first; none for a
-        colocated worker.
-
-        Load is the larger of the queued prompt tokens the worker reported and
-        the router's own count of prompt tokens sent its way that have no first
-        token yet (the report lags a burst; the count misses other routers).
-        """
+        colocated worker (see selection.rank_prefill)."""
         if decode.role == "colocated":
             return []
-        turn = next(self._rr)
-        n = max(1, len(self.prefill))
-        ranked = sorted(
-            ((i, w) for i, w in enumerate(self.prefill) if w.healthy),
-            key=lambda iw: (
-                max(
-                    iw[1].status.waiting_prompt_tokens if iw[1].status else 0,
-                    iw[1].pending_prompt_tokens,
-                ),
-                (iw[0] - turn) % n,
-            ),
-        )
-        return [w for _, w in ranked]
+        return selection.rank_prefill(self.prefill, next(self._rr))
 
     def dispatched(self, decode: Worker, prefill: Sequence[Worker], prompt_len: int) -> None:
         """Count a Generate call about to go to `decode`."""

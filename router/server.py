@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,6 +30,7 @@ from router.errors import APIError, install_error_handlers
 from router.metrics import RouterMetrics
 from router.pool import Discover, WorkerPool
 from router.preprocess import ServedModel
+from router.selection import Policy
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class RouterConfig:
     poll_interval_s: how often every worker's Status is polled.
     api_key: when set, every /v1/ route requires `Authorization: Bearer <key>`
         (401 otherwise); /health, /metrics and /cluster stay open for operators.
-    policy: how to pick a decode worker (router/pool.py pick_decode).
+    policy: how to pick a decode worker (router/selection.py pick_decode).
     migration_limit: how many times one request may move to another decode
         worker after its worker failed mid-stream (0: the stream ends with an
         error event instead; router/dispatch.py).
@@ -74,7 +75,7 @@ class RouterConfig:
     poll_interval_s: float = 0.5
     api_key: str | None = None  # if set, /v1/* requires "Authorization: Bearer <key>"
     discover: Discover | None = None
-    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    policy: Policy = "least_loaded"
     migration_limit: int = 3  # times a request may move after its decode worker failed
     restarts: Callable[[], Mapping[str, tuple[str, int]]] | None = None
     request_timeout_s: float | None = None  # end to end; None: no limit
