@@ -6,27 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvtransfer.channels import SERVER_OPTIONS
-from kvtransfer.security import (
-    ClusterSecurity,
-    add_port,
-    add_security_args,
-    make_server,
-    warn_if_open,
-)
+from kvtransfer.security import add_security_args
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.server import DEFAULT_KV_LEASE_S, PrefillServicer
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from worker.process import (
-    WorkerLife,
-    add_worker_args,
-    advertised_address,
-    drain,
-    load_engine,
-    run_worker_main,
-    start_metrics_server,
-)
+from worker.process import RoleSpec, add_worker_args, run_worker_main, serve_role
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,27 +33,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM (drain, then 0) or the engine's death (EXIT_ENGINE_DIED)."""
+def role(args: argparse.Namespace) -> RoleSpec:
     metrics = PrefillMetrics()
-    life = WorkerLife(pb.DESCRIPTOR.services_by_name["PrefillWorker"].full_name)
-    security = ClusterSecurity.from_args(args)
-    aengine = load_engine(args, metrics.engine, on_fatal=life.engine_died)
-    server = make_server(security, SERVER_OPTIONS)
-    await life.attach(server)
-    address = advertised_address(args, add_port(server, f"{args.host}:{args.port}", security))
-    warn_if_open(security, "the prefill worker's gRPC port", address)
-    metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
-    servicer = PrefillServicer(aengine, metrics, address, metrics_port, args.kv_lease)
-    pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
-    aengine.start()
-    await server.start()
-    await life.announce_and_wait(args, "prefill", address, metrics_port)
-    servicer.draining = True
-    await drain(lambda: servicer.num_calls, life.drain_timeout(args.drain_timeout))
-    await server.stop(grace=1.0)
-    aengine.stop()
-    return life.exit_code
+    return RoleSpec(
+        name="prefill",
+        service=pb.DESCRIPTOR.services_by_name["PrefillWorker"].full_name,
+        metrics=metrics,
+        make_servicer=lambda aengine, address, metrics_port, _security: PrefillServicer(
+            aengine, metrics, address, metrics_port, args.kv_lease
+        ),
+        add_to_server=pb_grpc.add_PrefillWorkerServicer_to_server,
+        in_flight=lambda servicer: servicer.num_calls,
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    return await serve_role(args, role(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """What every worker process does around its engine: the common command-line
 options, log setup, the engine on its thread with per-step metrics, the
 Prometheus endpoint, the ready file a launcher waits on, gRPC health checking,
-and running until SIGTERM/SIGINT or until the engine dies. The gRPC server
-itself stays in each role's package.
+and running until SIGTERM/SIGINT or until the engine dies: `serve_role`, the
+one boot/serve/drain path of both roles. What a role serves (its servicer)
+stays in its own package.
 
 A worker whose engine thread died is of no use to anyone: every request it
 held has already ended with an error (engine/async_engine.py), so the process
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ from engine.args import add_engine_args, engine_config_from_args
 from engine.async_engine import AsyncEngine, StepInfo
 from engine.llm_engine import LLMEngine
 from engine.metrics import EngineMetrics
+from kvtransfer.channels import SERVER_OPTIONS
+from kvtransfer.security import ClusterSecurity, add_port, make_server, warn_if_open
 
 log = logging.getLogger("splitserve")
 
@@ -304,3 +308,43 @@ def _write_ready_file(path: str | None, info: dict[str, Any]) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(info))
     tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """What a role brings to serve_role: its name and gRPC service, its
+    metrics (`.engine` for the engine's, `.registry` to export), how to build
+    its servicer and add it to the server, what counts as work in flight
+    (drained on SIGTERM), and what to close after the server stopped."""
+
+    name: str  # "prefill", "decode" or "colocated"
+    service: str  # the gRPC service's full name, for health checking
+    metrics: Any
+    make_servicer: Callable[[AsyncEngine, str, int, ClusterSecurity], Any]
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    in_flight: Callable[[Any], int]
+    close: Callable[[Any], Coroutine[Any, Any, None]] | None = None
+
+
+async def serve_role(args: argparse.Namespace, role: RoleSpec) -> int:
+    """Serve until SIGTERM (drain, then 0) or the engine's death (EXIT_ENGINE_DIED)."""
+    life = WorkerLife(role.service)
+    security = ClusterSecurity.from_args(args)
+    aengine = load_engine(args, role.metrics.engine, on_fatal=life.engine_died)
+    server = make_server(security, SERVER_OPTIONS)
+    await life.attach(server)
+    address = advertised_address(args, add_port(server, f"{args.host}:{args.port}", security))
+    warn_if_open(security, f"the {role.name} worker's gRPC port", address)
+    metrics_port = start_metrics_server(role.metrics.registry, args.metrics_port, host=args.host)
+    servicer = role.make_servicer(aengine, address, metrics_port, security)
+    role.add_to_server(servicer, server)
+    aengine.start()
+    await server.start()
+    await life.announce_and_wait(args, role.name, address, metrics_port)
+    servicer.draining = True
+    await drain(lambda: role.in_flight(servicer), life.drain_timeout(args.drain_timeout))
+    await server.stop(grace=1.0)
+    if role.close is not None:
+        await role.close(servicer)
+    aengine.stop()
+    return life.exit_code
