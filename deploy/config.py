@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.config import DEFAULT_KV_CACHE_MIB, engine_default
+from engine.config import DEFAULT_KV_CACHE_MIB, EngineConfig, engine_default
 
 # What each pool may scale on. Never utilisation: a decode pool at 100% GPU
 # can still have room in its batch, and a prefill pool at 30% can have a
@@ -212,3 +212,23 @@ def pool_engine_args(
     if role == "colocated":
         args.append("--colocated")
     return args
+
+
+def pool_engine_config(config: ClusterConfig, pool: Pool) -> EngineConfig:
+    """The engine one pool's replicas run (what pool_engine_args says on a
+    command line, for a Ray replica that builds its engine in process); the
+    built-in model when the config names none."""
+    e = pool.engine
+    model = config.model_path
+    if model is None:
+        from engine.builtin_model import ensure_default_model
+
+        model = str(ensure_default_model())
+    return EngineConfig(
+        model=model,
+        dtype=e.dtype,
+        kv_cache_bytes=e.kv_cache_mib * 2**20,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        max_model_len=e.max_model_len,
+    )

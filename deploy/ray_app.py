@@ -49,7 +49,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 from ray.serve.handle import DeploymentHandle
 
-from deploy.config import ClusterConfig, Pool, load_config, pool_engine_args
+from deploy.config import ClusterConfig, Pool, load_config, pool_engine_config
 
 log = logging.getLogger("splitserve.ray")
 
@@ -99,10 +99,13 @@ class _WorkerReplica(abc.ABC):
         self.config = config
         self.pool = pool
         self.directory = directory
-        args = self._parser().parse_args(pool_engine_args(config, pool, self.role))
-        self.args = args
         self.metrics = self._make_metrics()
-        self.aengine = load_engine(args, self.metrics.engine)
+        self.aengine = load_engine(
+            pool_engine_config(config, pool),
+            self.metrics.engine,
+            threads=pool.engine.threads,
+            price_per_hour=pool.price_per_replica_hour,
+        )
         host = ray.util.get_node_ip_address()
         self.security = ClusterSecurity.from_env()
         self.server = make_server(self.security, _channel_options())
@@ -163,10 +166,6 @@ class _WorkerReplica(abc.ABC):
     # -- per role --------------------------------------------------------------
 
     @abc.abstractmethod
-    def _parser(self) -> Any:
-        """The role's command-line parser (the options a standalone worker takes)."""
-
-    @abc.abstractmethod
     def _make_metrics(self) -> Any:
         """The role's Prometheus metrics."""
 
@@ -186,22 +185,17 @@ class PrefillReplica(_WorkerReplica):
         assert config.pools.prefill is not None
         await self._boot(config, config.pools.prefill, directory)
 
-    def _parser(self) -> Any:
-        from prefill_worker.__main__ import parser
-
-        return parser()
-
     def _make_metrics(self) -> Any:
         from prefill_worker.metrics import PrefillMetrics
 
         return PrefillMetrics()
 
     def _make_servicer(self) -> Any:
-        from prefill_worker.server import PrefillServicer
+        from prefill_worker.server import DEFAULT_KV_LEASE_S, PrefillServicer
         from protos import splitserve_pb2_grpc as pb_grpc
 
         servicer = PrefillServicer(
-            self.aengine, self.metrics, self.address, self.metrics_port, self.args.kv_lease
+            self.aengine, self.metrics, self.address, self.metrics_port, DEFAULT_KV_LEASE_S
         )
         pb_grpc.add_PrefillWorkerServicer_to_server(servicer, self.server)
         return servicer
@@ -230,11 +224,6 @@ class DecodeReplica(_WorkerReplica):
         if config.pools.colocated is not None:
             self.role = "colocated"
         await self._boot(config, pool, directory)
-
-    def _parser(self) -> Any:
-        from decode_worker.__main__ import parser
-
-        return parser()
 
     def _make_metrics(self) -> Any:
         from decode_worker.metrics import DecodeMetrics
@@ -292,7 +281,7 @@ class DecodeReplica(_WorkerReplica):
             self.address,
             self.metrics_port,
             colocated=self.role == "colocated",
-            options=DecodeOptions.from_args(self.args),
+            options=DecodeOptions(),
             prefill_transport=transport,
         )
         pb_grpc.add_DecodeWorkerServicer_to_server(servicer, self.server)

@@ -41,10 +41,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         from engine.builtin_model import ensure_default_model
 
         model = str(ensure_default_model())
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     return EngineConfig(
         model=str(model),
         dtype=args.dtype,

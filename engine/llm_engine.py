@@ -195,11 +195,9 @@ class LLMEngine:
             return False
         detok.text = detok.text[: hit[0]]
         req.stop_reason = hit[1]
-        if req.is_finished:  # reached max_tokens too: the stop string wins, as in vLLM
-            req.status = RequestStatus.FINISHED_STOPPED
-            return False
-        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-        return True
+        finished_already = req.is_finished  # by max_tokens, in this same step
+        self.scheduler.stop_by_string(req)
+        return not finished_already
 
     # -- disaggregation: the prompt's KV computed by another engine -------------
 

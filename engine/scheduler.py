@@ -155,6 +155,14 @@ class Scheduler:
         else:
             self.pool.free(request.request_id)
 
+    def stop_by_string(self, request: Request) -> None:
+        """A stop string ended `request`. One that reached max_tokens in the
+        same step is already finished: the stop string wins, as in vLLM."""
+        if request.is_finished:
+            request.status = RequestStatus.FINISHED_STOPPED
+        else:
+            self.finish(request, RequestStatus.FINISHED_STOPPED)
+
     def release_blocks(self, request_id: str) -> None:
         """Free the blocks a finished request was holding (hold_blocks_on_finish)."""
         if self.held.pop(request_id, None) is not None:

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from engine.args import add_engine_args, engine_config_from_args
 from engine.async_engine import AsyncEngine, StepInfo
+from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.metrics import EngineMetrics
 from kvtransfer.channels import SERVER_OPTIONS
@@ -121,18 +122,27 @@ def setup_logging(name: str, verbose: bool = False) -> None:
 
 
 def load_engine(
-    args: argparse.Namespace,
+    config: EngineConfig,
     metrics: EngineMetrics,
+    *,
+    threads: int = 0,
+    price_per_hour: float = 0.0,
     on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncEngine:
-    """The engine the options describe, on its own thread (not started yet),
-    feeding the per-step metrics; `on_fatal(message)` runs if the engine
-    thread dies (WorkerLife.engine_died in a standalone worker; a Ray replica
-    fails its health check instead). Call from the running event loop."""
+    """The engine `config` describes, on its own thread (not started yet),
+    feeding the per-step metrics; `threads`: torch's CPU threads (0: its
+    default); `price_per_hour` prices the replica's tokens; `on_fatal(message)`
+    runs if the engine thread dies (WorkerLife.engine_died in a standalone
+    worker; a Ray replica fails its health check instead). Call from the
+    running event loop."""
     fault_step = _fault_step()
-    if args.price_per_hour < 0:
-        raise ValueError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
-    metrics.cost.price_per_hour = args.price_per_hour
+    if price_per_hour < 0:
+        raise ValueError(f"--price-per-hour must be >= 0, got {price_per_hour}")
+    metrics.cost.price_per_hour = price_per_hour
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     steps = 0
 
     def on_step(step: StepInfo) -> None:
@@ -146,7 +156,6 @@ def load_engine(
 
     if fault_step is not None:
         log.warning("%s=%d: the engine will die after that many steps", FAULT_STEP_ENV, fault_step)
-    config = engine_config_from_args(args)
     aengine = AsyncEngine.build(
         lambda: LLMEngine(config), asyncio.get_running_loop(), on_step=on_step, on_fatal=on_fatal
     )
@@ -330,7 +339,13 @@ async def serve_role(args: argparse.Namespace, role: RoleSpec) -> int:
     """Serve until SIGTERM (drain, then 0) or the engine's death (EXIT_ENGINE_DIED)."""
     life = WorkerLife(role.service)
     security = ClusterSecurity.from_args(args)
-    aengine = load_engine(args, role.metrics.engine, on_fatal=life.engine_died)
+    aengine = load_engine(
+        engine_config_from_args(args),
+        role.metrics.engine,
+        threads=args.threads,
+        price_per_hour=args.price_per_hour,
+        on_fatal=life.engine_died,
+    )
     server = make_server(security, SERVER_OPTIONS)
     await life.attach(server)
     address = advertised_address(args, add_port(server, f"{args.host}:{args.port}", security))
