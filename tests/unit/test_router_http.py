@@ -267,45 +267,6 @@ def test_prefill_ranking_counts_the_routers_own_unanswered_prompts():
     assert [p.address for p in pool.rank_prefill(d)] == ["p0:1", "p1:1"]
 
 
-def test_a_worker_serving_another_model_is_never_used(model_dir, tmp_path):
-    """A real decode worker on a model with another vocabulary: the router
-    marks it unhealthy (its token ids would decode to garbage) and answers 503.
-    Its /cluster row still shows what it runs: the dtype `auto` chose on
-    this machine, and why, as the worker logged at startup."""
-    import subprocess
-    import sys
-    import time
-
-    from engine.builtin_model import make_model
-    from engine.config import EngineConfig, ModelConfig
-
-    other = make_model(tmp_path / "other", preset="tiny", arch="llama", vocab_size=1024)
-    want = EngineConfig(model=str(other)).dtype_choice(ModelConfig.from_pretrained(other))
-    ready = tmp_path / "worker.ready"
-    log = tmp_path / "worker.log"
-    cmd = [sys.executable, "-m", "decode_worker", "--model", str(other), "--kv-cache-mib", "4"]
-    cmd += ["--metrics-port", "-1", "--ready-file", str(ready)]  # --dtype auto
-    with log.open("wb") as stderr:  # the child keeps its own copy of the descriptor
-        worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert worker.poll() is None and time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.1)
-        address = json.loads(ready.read_text())["address"]
-        app = build_app(RouterConfig(model=str(model_dir), decode_addresses=(address,)))
-        with TestClient(app) as c:
-            (w,) = c.get("/cluster").json()["workers"]
-            assert w["healthy"] is False and "vocab_size 1024" in w["last_error"]
-            assert (w["dtype"], w["dtype_reason"]) == (want.name, want.reason)
-            assert f"dtype: {want.describe()}" in log.read_text()
-            r = c.post(C, json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
-            assert r.status_code == 503
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-
-
 def test_api_key_guards_the_v1_routes(model_dir):
     app = build_app(
         RouterConfig(model=str(model_dir), decode_addresses=(NOBODY,), api_key="s3cret")
