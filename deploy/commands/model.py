@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from deploy.commands.common import DTYPE_HELP
-from engine.config import DEFAULT_KV_CACHE_MIB, engine_default
+from engine.config import DEFAULT_KV_CACHE_MIB, DTYPE_NAMES, engine_default
 
 
 def add_make_model_parser(sub: Any) -> None:
@@ -47,7 +47,7 @@ def add_generate_parser(sub: Any) -> None:
     gen.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", *DTYPE_NAMES],
         help=DTYPE_HELP,
     )
     gen.add_argument(

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from deploy.commands.common import DTYPE_HELP
-from engine.config import DEFAULT_KV_CACHE_MIB, engine_default
+from engine.config import DEFAULT_KV_CACHE_MIB, DTYPE_NAMES, engine_default
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -65,7 +65,7 @@ def add_serve_parser(sub: Any) -> None:
     sv.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", *DTYPE_NAMES],
         help=DTYPE_HELP,
     )
     sv.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
