@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from decode_worker.metrics import DecodeMetrics
-from decode_worker.remote_prefill import GrpcPrefill
 from decode_worker.server import DecodeOptions, DecodeServicer, add_decode_args
 from engine.async_engine import AsyncEngine
+from kvtransfer.grpc_backend import GrpcPrefill
 from kvtransfer.peers import add_known_prefill_args, known_prefill_from_args
 from kvtransfer.security import ClusterSecurity, add_security_args
 from protos import splitserve_pb2 as pb

@@ -4,7 +4,7 @@ protobuf types to the router.
 Generate, disaggregated:
   1. validate and reserve the prompt's blocks (or answer RESOURCE_EXHAUSTED:
      no prefill work is spent on a request that has nowhere to go);
-  2. a remote_prefill task fills them from the prefill pool; its first token
+  2. a task fills them (kvtransfer/fetch.py) from the prefill pool; its first token
      goes to the router at once;
   3. once the KV is written the request joins the running batch and its
      tokens stream back, several per message when the router lags.
@@ -29,21 +29,16 @@ from typing import Any
 import grpc
 
 from decode_worker.metrics import DecodeMetrics
-from decode_worker.remote_prefill import (
-    FirstToken,
-    GrpcPrefill,
-    PrefillEvent,
-    PrefillResult,
-    PrefillTransport,
-)
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput, TokenDelta
 from engine.request import Request
 from kvtransfer.base import KvReceiver
+from kvtransfer.fetch import FirstToken, PrefillEvent, PrefillResult, PrefillTransport
+from kvtransfer.grpc_backend import GrpcPrefill
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from worker.status import worker_status
-from worker.wire import params_from_pb
+from worker.wire import params_from_pb, params_to_pb
 
 log = logging.getLogger("splitserve.decode")
 
@@ -310,11 +305,16 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         """The transport's fill, guarded: whatever goes wrong in it, the
         Generate call hears a final event (it never waits forever)."""
         try:
+            prefill = pb.PrefillRequest(
+                request_id=req.request_id,
+                prompt_token_ids=req.prompt_token_ids,
+                sampling_params=params_to_pb(req.sampling_params),
+                dest_block_ids=table,
+                block_size=self.aengine.kv_layout.block_size,
+            )
             await self.prefill.fill(
                 self.receiver,
-                req,
-                table,
-                self.aengine.kv_layout.block_size,
+                prefill,
                 addresses,
                 self.kv_reservation_ttl_s,  # from now, renewed by the prefill's progress
                 events,

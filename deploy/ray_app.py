@@ -231,9 +231,11 @@ class DecodeReplica(_WorkerReplica):
         return DecodeMetrics(self.role)
 
     def _make_servicer(self) -> Any:
-        from decode_worker.remote_prefill import GrpcPrefill, ObjectStorePrefill, PrefillTransport
         from decode_worker.server import DecodeOptions, DecodeServicer
+        from kvtransfer.fetch import PrefillTransport
+        from kvtransfer.grpc_backend import GrpcPrefill
         from kvtransfer.peers import KnownPeers
+        from kvtransfer.ray_backend import ObjectStorePrefill
         from protos import splitserve_pb2_grpc as pb_grpc
 
         # gRPC: only the prefill replicas in the Directory are ever dialled.
@@ -243,38 +245,7 @@ class DecodeReplica(_WorkerReplica):
             on_unknown=lambda _: self.metrics.prefill_unknown.inc(),
         )
         if self.config.kv_transport == "ray" and self.prefill_handle is not None:
-            handle = self.prefill_handle.options(stream=True, _by_reference=True)
-
-            async def call(wire: bytes) -> AsyncIterator[Any]:
-                # The Ray stream is read to its end by a task of its own,
-                # whatever the caller does: a caller that gives up (timeout,
-                # client gone) only stops reading the queue. Cancelling the
-                # call, or an await on it, while a result is being fetched
-                # from the object store crashes the process in Ray 2.60
-                # (ObjectUnknownOwner); the price is that an abandoned
-                # prompt is still computed, and its KV dropped.
-                items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-                answer: Any = handle.prefill.remote(wire)
-
-                async def pump() -> None:
-                    try:
-                        async for item in answer:
-                            items.put_nowait(("item", item))
-                    except Exception as e:  # the prefill replica's error, for the caller
-                        items.put_nowait(("error", e))
-                    items.put_nowait(("end", None))
-
-                _keep_running(pump())
-                while True:
-                    kind, value = await items.get()
-                    if kind == "item":
-                        yield value
-                    elif kind == "error":
-                        raise value
-                    else:
-                        return
-
-            transport = ObjectStorePrefill(call)
+            transport = ObjectStorePrefill.through(self.prefill_handle)
         servicer = DecodeServicer(
             self.aengine,
             self.metrics,
@@ -351,7 +322,7 @@ async def _wait_uncancelled(awaitable: Any, timeout_s: float) -> Any:
     """Await a handle call for at most `timeout_s` (TimeoutError after it)
     without ever cancelling it: a timed-out call finishes in the background.
     Cancelling a Ray call whose result is being fetched from the object
-    store crashes the process (see DecodeReplica's `call`)."""
+    store crashes the process (see kvtransfer/ray_backend.py)."""
     task = _keep_running(_awaited(awaitable))
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:

@@ -62,6 +62,8 @@ class _State:
     """Engine-thread-only bookkeeping."""
 
     live: dict[str, _Live] = field(default_factory=dict)
+    # Reserved for remote KV, until remote_kv_done or abort.
+    reserved: dict[str, Request] = field(default_factory=dict)
 
 
 class EngineDeadError(RuntimeError):
@@ -255,7 +257,10 @@ class AsyncEngine:
 
         def reserve(engine: LLMEngine) -> Sequence[int] | None:
             table = engine.reserve_remote(request)
-            return None if table is None else list(table)
+            if table is None:
+                return None
+            self._state.reserved[request.request_id] = request
+            return list(table)
 
         deadline = self.loop.time() + wait_s
         while True:
@@ -286,7 +291,7 @@ class AsyncEngine:
         self._direct_kv.forget_reservation(request_id)  # no more KV copies into it
 
         def command() -> None:
-            req = self._engine.scheduler.awaiting_kv.get(request_id)
+            req = self._state.reserved.pop(request_id, None)
             try:
                 done = self._engine.remote_kv_done(request_id, first_token, logprob, kv_valid)
             except Exception as e:
@@ -308,6 +313,7 @@ class AsyncEngine:
 
         def command() -> None:
             self._state.live.pop(request_id, None)
+            self._state.reserved.pop(request_id, None)
             # Again: the request may have finished (and got its blocks held)
             # in a step that ran since.
             self._direct_kv.forget_held(request_id)
@@ -349,7 +355,7 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._drain_commands()
-                if self._engine.scheduler.has_schedulable() and self._step():
+                if self._engine.has_work() and self._step():
                     continue
                 self._refresh_snapshot()
                 self._wake.wait(timeout=0.5)
@@ -374,18 +380,14 @@ class AsyncEngine:
     def _step(self) -> bool:
         """One engine step; False if nothing could be scheduled (blocks pinned
         until KV arrives or held KV is released: a command will wake us)."""
-        engine = self._engine
         start = time.perf_counter()
-        steps_before = engine.scheduler.stats.num_steps
-        batch_before = engine.scheduler.stats.running_batch_sum
-        finished = engine.step()
+        step = self._engine.run_step()
         duration = time.perf_counter() - start
-        stats = engine.scheduler.stats
         deltas = []
         live = self._state.live
-        for out in finished:
-            if out.request_id in engine.scheduler.held:  # for read_kv, before its last delta
-                self._direct_kv.held(out.request_id, engine.block_pool.block_table(out.request_id))
+        for rid, table in step.held.items():  # for read_kv, before the request's last delta
+            self._direct_kv.held(rid, table)
+        for out in step.finished:
             entry = live.pop(out.request_id, None)
             if entry is not None:
                 new = out.token_ids[entry.sent :]
@@ -402,15 +404,15 @@ class AsyncEngine:
         if deltas:
             self.loop.call_soon_threadsafe(_deliver, deltas)
         self._refresh_snapshot()
-        if stats.num_steps == steps_before:
+        if not step.num_scheduled:
             return False
         if self.on_step is not None:
             self.on_step(
                 StepInfo(
                     duration_s=duration,
-                    num_scheduled=stats.running_batch_sum - batch_before,
-                    num_running=len(engine.scheduler.running),
-                    num_waiting=len(engine.scheduler.waiting),
+                    num_scheduled=step.num_scheduled,
+                    num_running=self.snapshot.running,
+                    num_waiting=self.snapshot.waiting,
                 )
             )
         return True
@@ -441,25 +443,10 @@ class AsyncEngine:
             command.on_dead(message)
 
     def _refresh_snapshot(self) -> None:
-        sched = self._engine.scheduler
-        pool = self._engine.block_pool
-        stats = sched.stats
-        if pool.num_free_blocks > self.snapshot.kv_blocks_free:
+        snapshot = self._engine.snapshot()
+        if snapshot.kv_blocks_free > self.snapshot.kv_blocks_free:
             self.loop.call_soon_threadsafe(self._room_freed)
-        self.snapshot = EngineSnapshot(
-            kv_blocks_total=pool.num_blocks,
-            kv_blocks_free=pool.num_free_blocks,
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            waiting_prompt_tokens=sum(
-                max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in sched.waiting
-            ),
-            awaiting_kv=len(sched.awaiting_kv),
-            held=len(sched.held),
-            num_steps=stats.num_steps,
-            mean_batch_size=stats.mean_running,
-            num_preemptions=stats.num_preemptions,
-        )
+        self.snapshot = snapshot
 
 
 def _deliver(deltas: list[tuple[TokenDelta, asyncio.Queue[TokenDelta]]]) -> None:

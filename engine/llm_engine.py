@@ -8,15 +8,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from engine import sampler
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.model.loader import weight_files
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
+from engine.outputs import EngineSnapshot, RequestOutput, StepResult
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -155,8 +153,16 @@ class LLMEngine:
 
     # -- the loop --------------------------------------------------------------
 
+    def has_work(self) -> bool:
+        """Whether a step could run something now (waiting or running requests)."""
+        return self.scheduler.has_schedulable()
+
     def step(self) -> list[RequestOutput]:
         """One iteration: returns the requests that finished in it."""
+        return self.run_step().finished
+
+    def run_step(self) -> StepResult:
+        """One iteration, and what it did."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             # Nothing to run is fine only while blocks are pinned by events
@@ -167,7 +173,7 @@ class LLMEngine:
                     f"scheduler made no progress with nothing pinned: {self.block_pool}, "
                     f"{len(self.scheduler.waiting)} waiting"
                 )
-            return []
+            return StepResult([], 0, {})
         samples = self.runner.execute(sched.scheduled)
         now = time.monotonic()
         for s, sample in zip(sched.scheduled, samples, strict=True):
@@ -177,7 +183,31 @@ class LLMEngine:
         for s, sample in zip(sched.scheduled, samples, strict=True):
             if sample is not None and self._stop_string_hit(s.request, sample[0]):
                 finished.append(s.request)
-        return [self._finalize(req, now) for req in finished]
+        held = {
+            req.request_id: list(self.block_pool.block_table(req.request_id))
+            for req in finished
+            if req.request_id in self.scheduler.held
+        }
+        outputs = [self._finalize(req, now) for req in finished]
+        return StepResult(outputs, len(sched.scheduled), held)
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's load now."""
+        sched, pool = self.scheduler, self.block_pool
+        return EngineSnapshot(
+            kv_blocks_total=pool.num_blocks,
+            kv_blocks_free=pool.num_free_blocks,
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            waiting_prompt_tokens=sum(
+                max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in sched.waiting
+            ),
+            awaiting_kv=len(sched.awaiting_kv),
+            held=len(sched.held),
+            num_steps=sched.stats.num_steps,
+            mean_batch_size=sched.stats.mean_running,
+            num_preemptions=sched.stats.num_preemptions,
+        )
 
     def _stop_string_hit(self, req: Request, token: int) -> bool:
         """Feed the token to the request's stop-string detokenizer; True if a
@@ -217,15 +247,6 @@ class LLMEngine:
         n = self.block_pool.blocks_for_tokens(req.num_prompt_tokens)
         return self.block_pool.block_table(request_id)[:n]
 
-    def write_remote_kv(
-        self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Write one layer's KV for the reserved prompt: [n_blocks, block_size,
-        kv_heads, head_dim] each, n_blocks the length of the reservation."""
-        if request_id not in self.scheduler.awaiting_kv:
-            raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
-        self.runner.write_blocks(layer, self._prompt_blocks(request_id), k, v)
-
     def remote_kv_done(
         self,
         request_id: str,
@@ -250,16 +271,6 @@ class LLMEngine:
         if self._stop_string_hit(req, first_token) or done is not None:
             return self._finalize(req, now)
         return None
-
-    def read_kv(self, request_id: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Prefill role: copies of a held request's KV blocks, per layer
-        ([n_blocks, block_size, kv_heads, head_dim] each)."""
-        table = self.block_pool.block_table(request_id)
-        if not table:
-            raise KeyError(f"request {request_id!r} holds no blocks")
-        return [
-            self.runner.read_blocks(layer, table) for layer in range(len(self.runner.kv_caches))
-        ]
 
     def release_blocks(self, request_id: str) -> None:
         """Prefill role: the KV has reached its receiver; free the blocks."""

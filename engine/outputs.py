@@ -53,6 +53,17 @@ class TokenDelta:
 
 
 @dataclass(slots=True)
+class StepResult:
+    """What one LLMEngine iteration did, as its driver (AsyncEngine) needs it."""
+
+    finished: list[RequestOutput]
+    num_scheduled: int  # requests computed in the step; 0: nothing could run
+    # Finished requests whose blocks stay held for a KV transfer: their
+    # block tables, known before their last output goes out.
+    held: dict[str, list[int]]
+
+
+@dataclass(slots=True)
 class StepInfo:
     """One engine iteration, for the worker's metrics (called on the engine thread)."""
 

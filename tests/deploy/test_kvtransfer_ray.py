@@ -57,8 +57,10 @@ def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
             req.hold_blocks_on_finish = True
             eng.add_request(req)
             (out,) = [o for _ in range(16) for o in eng.step()]
+            table = eng.block_pool.block_table(rid)  # held for the transfer
+            layers = [eng.runner.read_blocks(i, table) for i in range(len(eng.runner.kv_caches))]
             try:
-                return out.token_ids[0], pack(rid, dest_blocks, eng.read_kv(rid), reservation)
+                return out.token_ids[0], pack(rid, dest_blocks, layers, reservation)
             finally:
                 eng.release_blocks(rid)
 

@@ -16,7 +16,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.request import RequestStatus
-from tests.engine_checks import assert_engine_clean
+from tests.engine_checks import assert_engine_clean, held_kv
 
 
 def run_to_end(engine) -> dict:
@@ -30,11 +30,12 @@ def run_to_end(engine) -> dict:
 def prefill_remotely(prefill: LLM, decode: LLM, prompts, params):
     """Disaggregated generation of `prompts`; returns the decode side's outputs."""
     p_eng, d_eng = prefill.engine, decode.engine
-    first = {}
+    first, tables = {}, {}
     for i, prompt in enumerate(prompts):
         rid = f"r{i}"
         # Decode side first: blocks reserved before any prefill work is spent.
-        assert d_eng.reserve_remote(d_eng.make_request(prompt, params, request_id=rid)) is not None
+        tables[rid] = d_eng.reserve_remote(d_eng.make_request(prompt, params, request_id=rid))
+        assert tables[rid] is not None
         # The prefill side samples the first token with the request's own
         # parameters (and seed), then stops.
         first_params = dataclasses.replace(params, max_tokens=1, stop=())
@@ -47,8 +48,8 @@ def prefill_remotely(prefill: LLM, decode: LLM, prompts, params):
         assert p_eng.block_pool.block_table(rid)  # held until the KV is read
     outs = {}
     for rid, token in first.items():
-        for layer, (k, v) in enumerate(p_eng.read_kv(rid)):
-            d_eng.write_remote_kv(rid, layer, k, v)
+        for layer, (k, v) in enumerate(held_kv(p_eng, rid)):
+            d_eng.runner.write_blocks(layer, tables[rid], k, v)
         p_eng.release_blocks(rid)
         done = d_eng.remote_kv_done(rid, token)
         if done is not None:

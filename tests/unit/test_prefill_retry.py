@@ -1,4 +1,4 @@
-"""The decode worker's one retry loop (decode_worker/remote_prefill.py
+"""The decode worker's one retry loop (kvtransfer/fetch.py
 fill_in_turn), in process: scripted attempts (the Attempt interface both
 transports implement) write real KV chunks into a real KvReceiver."""
 
@@ -9,17 +9,15 @@ import asyncio
 import pytest
 import torch
 
-from decode_worker.remote_prefill import (
+from kvtransfer.base import KvChunk, KvReceiver
+from kvtransfer.fetch import (
+    Fill,
     FirstToken,
     PrefillEvent,
     PrefillFailed,
     PrefillResult,
-    ReservationClock,
     fill_in_turn,
 )
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from kvtransfer.base import KvChunk, KvReceiver
 from protos import splitserve_pb2 as pb
 
 BLOCK = (4, 1, 2)  # block_size, kv_heads, head_dim
@@ -56,23 +54,14 @@ class Scripted:
         self.name, self.layers, self.error, self.again, self.hang = name, layers, error, again, hang
         self.generations: list[int] = []
 
-    async def run(
-        self,
-        prefill: pb.PrefillRequest,
-        receiver: KvReceiver,
-        clock: ReservationClock,
-        events: asyncio.Queue[PrefillEvent],
-        result: PrefillResult,
-    ) -> None:
+    async def run(self, prefill: pb.PrefillRequest, fill: Fill) -> None:
         self.generations.append(prefill.reservation)
         if self.hang:
             await asyncio.sleep(3600)  # ended by the reservation's deadline
-        if result.first is None:
-            result.first = FirstToken(7, None, pb.Timings(), self.name)
-            events.put_nowait(PrefillEvent("first_token", first=result.first))
+        fill.first_token(FirstToken(7, None, pb.Timings(), self.name))
         for layer in range(self.layers):
             k = torch.full((len(TABLE), *BLOCK), float(layer + 1))
-            receiver.accept(
+            fill.receiver.accept(
                 KvChunk(
                     prefill.request_id,
                     layer,
@@ -82,10 +71,10 @@ class Scripted:
                     prefill.reservation,
                 )
             )
-            clock.renew()
+            fill.clock.renew()
         if self.error:
             raise PrefillFailed(self.error)
-        if not receiver.is_complete(prefill.request_id):
+        if not fill.receiver.is_complete(prefill.request_id):
             raise PrefillFailed("incomplete")
 
     def failed(self, e: BaseException) -> tuple[str, bool]:
@@ -95,12 +84,14 @@ class Scripted:
 def run_fill(attempts, ttl_s: float = 5.0):
     pool = Pool()
     receiver = KvReceiver(pool.write, LAYERS, BLOCK, torch.float32)
-    request = Request("r1", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4))
+    prefill = pb.PrefillRequest(
+        request_id="r1", prompt_token_ids=[1, 2, 3, 4, 5], dest_block_ids=TABLE, block_size=BLOCK[0]
+    )
     events: asyncio.Queue[PrefillEvent] = asyncio.Queue()
     result = PrefillResult()
 
     async def go() -> list[PrefillEvent]:
-        await fill_in_turn(attempts, receiver, request, TABLE, BLOCK[0], ttl_s, events, result)
+        await fill_in_turn(attempts, receiver, prefill, ttl_s, events, result)
         return [events.get_nowait() for _ in range(events.qsize())]
 
     got = asyncio.run(go())

@@ -1,0 +1,135 @@
+"""Both servicers in one process, over real gRPC on 127.0.0.1: a prefill
+servicer and a decode servicer, each on its own AsyncEngine. The
+disaggregated stream equals one engine's output token for token, and every
+block on both sides is back when the calls end; a draining prefill worker
+refuses new prompts and the decode servicer then prefills locally."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from decode_worker.metrics import DecodeMetrics
+from decode_worker.server import DecodeOptions, DecodeServicer
+from engine import LLM, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from kvtransfer.grpc_backend import GrpcPrefill
+from kvtransfer.peers import KnownPeers
+from prefill_worker.metrics import PrefillMetrics
+from prefill_worker.server import PrefillServicer
+from protos import splitserve_pb2 as pb
+from protos import splitserve_pb2_grpc as pb_grpc
+from worker.wire import params_to_pb
+
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [list(range(10, 60)), list(range(200, 217)), [9] * 33]
+
+
+def engine(model: Path) -> LLMEngine:
+    return LLMEngine(EngineConfig(str(model), dtype="float32", kv_cache_bytes=4 << 20))
+
+
+@dataclass
+class Pair:
+    prefill: PrefillServicer
+    decode: DecodeServicer
+    p_engine: AsyncEngine
+    d_engine: AsyncEngine
+    d_metrics: DecodeMetrics
+    prefill_address: str
+    decode_address: str
+
+
+@asynccontextmanager
+async def serving(model: Path) -> AsyncIterator[Pair]:
+    loop = asyncio.get_running_loop()
+    p_engine, d_engine = AsyncEngine(engine(model), loop), AsyncEngine(engine(model), loop)
+    p_server, d_server = grpc.aio.server(), grpc.aio.server()
+    p_port = p_server.add_insecure_port("127.0.0.1:0")
+    d_port = d_server.add_insecure_port("127.0.0.1:0")
+    prefill_address, decode_address = f"127.0.0.1:{p_port}", f"127.0.0.1:{d_port}"
+    prefill = PrefillServicer(p_engine, PrefillMetrics(), prefill_address, 0)
+    d_metrics = DecodeMetrics("decode")
+    transport = GrpcPrefill(known=KnownPeers(static=[prefill_address]))
+    decode = DecodeServicer(
+        d_engine, d_metrics, decode_address, 0, False, DecodeOptions(), transport
+    )
+    pb_grpc.add_PrefillWorkerServicer_to_server(prefill, p_server)
+    pb_grpc.add_DecodeWorkerServicer_to_server(decode, d_server)
+    for e in (p_engine, d_engine):
+        e.start()
+    await p_server.start()
+    await d_server.start()
+    try:
+        yield Pair(prefill, decode, p_engine, d_engine, d_metrics, prefill_address, decode_address)
+    finally:
+        await d_server.stop(grace=None)
+        await p_server.stop(grace=None)
+        await transport.close()
+        for e in (p_engine, d_engine):
+            e.stop()
+
+
+async def generate(pair: Pair, rid: str, prompt: list[int]) -> list[int]:
+    request = pb.GenerateRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling_params=params_to_pb(PARAMS),
+        prefill_addresses=[pair.prefill_address],
+    )
+    tokens: list[int] = []
+    async with grpc.aio.insecure_channel(pair.decode_address) as ch:
+        async for msg in pb_grpc.DecodeWorkerStub(ch).Generate(request, timeout=60):
+            tokens.extend(msg.token_ids)
+    return tokens
+
+
+async def all_blocks_back(*engines: AsyncEngine) -> bool:
+    """Frees are queued commands: wait (bounded) for every block to return."""
+    for _ in range(200):
+        snaps = [e.snapshot for e in engines]
+        if all(s.kv_blocks_free == s.kv_blocks_total for s in snaps):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama: Path) -> list[list[int]]:
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=4 << 20)
+    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+def test_disaggregated_streams_equal_one_engine_and_free_every_block(tiny_llama, expected):
+    async def run() -> tuple[list[list[int]], bool, float]:
+        async with serving(tiny_llama) as pair:
+            got = await asyncio.gather(*(generate(pair, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            clean = await all_blocks_back(pair.p_engine, pair.d_engine)
+            return list(got), clean, pair.d_metrics.local_prefills._value.get()
+
+    got, clean, local_prefills = asyncio.run(run())
+    assert got == expected
+    assert clean, "a block stayed allocated after every call ended"
+    assert local_prefills == 0  # the KV came from the prefill servicer
+
+
+def test_a_draining_prefill_worker_is_skipped_and_the_prompt_prefilled_here(tiny_llama, expected):
+    async def run() -> tuple[list[int], bool, float]:
+        async with serving(tiny_llama) as pair:
+            pair.prefill.draining = True
+            tokens = await generate(pair, "drained-1", PROMPTS[0])
+            clean = await all_blocks_back(pair.p_engine, pair.d_engine)
+            return tokens, clean, pair.d_metrics.local_prefills._value.get()
+
+    tokens, clean, local_prefills = asyncio.run(run())
+    assert tokens == expected[0]
+    assert clean
+    assert local_prefills == 1
