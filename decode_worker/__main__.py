@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from decode_worker.metrics import DecodeMetrics
-from decode_worker.server import DecodeOptions, DecodeServicer, add_decode_args
+from decode_worker.options import DecodeOptions, add_decode_args
+from decode_worker.server import DecodeServicer
 from engine.async_engine import AsyncEngine
 from kvtransfer.grpc_backend import GrpcPrefill
 from kvtransfer.peers import add_known_prefill_args, known_prefill_from_args

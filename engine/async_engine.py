@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from engine.commands import EngineDeadError, Mailbox
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_access import DirectKv, KvLayout
 from engine.llm_engine import LLMEngine
@@ -66,20 +66,6 @@ class _State:
     reserved: dict[str, Request] = field(default_factory=dict)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread died; nothing more will run on it."""
-
-
-def _ignore(message: str) -> None:
-    pass
-
-
-@dataclass(slots=True)
-class _Command:
-    run: Callable[[], None]  # on the engine thread, between steps
-    on_dead: Callable[[str], None]  # instead of run, if the engine died first
-
-
 class AsyncEngine:
     def __init__(
         self,
@@ -97,11 +83,7 @@ class AsyncEngine:
         self.on_step = on_step
         self.snapshot = EngineSnapshot()
         self.on_fatal = on_fatal
-        self.error: str | None = None  # set if the engine thread died
-        # (command, what to do instead if the engine is dead); see _submit.
-        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._death = threading.Lock()  # orders _submit against the thread's death
-        self._wake = threading.Event()
+        self._mailbox = Mailbox()
         self._room_waiters: list[asyncio.Future[None]] = []  # loop thread only
         self._stop = False
         self._state = _State()
@@ -154,9 +136,14 @@ class AsyncEngine:
     def stop(self) -> None:
         self._stop = True
         self._go.set()
-        self._wake.set()
+        self._mailbox.wake.set()
         if self._thread.ident is not None:
             self._thread.join(timeout=30)
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine thread died; None while it lives."""
+        return self._mailbox.error
 
     # -- fixed at start: read from any thread -----------------------------------
 
@@ -222,7 +209,7 @@ class AsyncEngine:
         def fail(message: str) -> None:
             self.loop.call_soon_threadsafe(_set_exception, fut, EngineDeadError(message))
 
-        self._submit(command, fail)
+        self._mailbox.submit(command, fail)
         return await fut
 
     def add_request(self, request: Request) -> asyncio.Queue[TokenDelta]:
@@ -247,7 +234,7 @@ class AsyncEngine:
                 return
             self._state.live[rid] = _Live(request, q, sent=already_sent)
 
-        self._submit(command, self._fail_queue(rid, q))
+        self._mailbox.submit(command, self._fail_queue(rid, q))
         return q
 
     async def reserve_remote(self, request: Request, wait_s: float = 0.0) -> Sequence[int] | None:
@@ -302,7 +289,7 @@ class AsyncEngine:
             elif req is not None:
                 self._state.live[request_id] = _Live(req, q, sent=1)
 
-        self._submit(command, self._fail_queue(request_id, q))
+        self._mailbox.submit(command, self._fail_queue(request_id, q))
         return q
 
     def abort(self, request_id: str) -> None:
@@ -319,7 +306,7 @@ class AsyncEngine:
             self._direct_kv.forget_held(request_id)
             self._engine.abort_request(request_id)
 
-        self._submit(command)
+        self._mailbox.submit(command)
 
     def release(self, request_id: str) -> None:
         """A held request's KV has been shipped: free its blocks (read_kv
@@ -330,52 +317,29 @@ class AsyncEngine:
             self._direct_kv.forget_held(request_id)
             self._engine.release_blocks(request_id)
 
-        self._submit(command)
+        self._mailbox.submit(command)
 
     # -- the engine thread -------------------------------------------------------
 
     def _fail_queue(self, rid: str, q: asyncio.Queue[TokenDelta]) -> Callable[[str], None]:
         return lambda message: self._post([TokenDelta(rid, [], [], error=message)], q)
 
-    def _submit(
-        self, command: Callable[[], None], on_dead: Callable[[str], None] = _ignore
-    ) -> None:
-        """Queue a command for the engine thread. If the engine is dead, or
-        dies before running it, `on_dead(error)` runs instead: no caller
-        waits on a command that will never run."""
-        with self._death:
-            if self.error is None:
-                self._commands.put(_Command(command, on_dead))
-                self._wake.set()
-                return
-        on_dead(self.error)
-
     def _run(self) -> None:
         self._go.wait()
         try:
             while not self._stop:
-                self._drain_commands()
+                self._mailbox.run_all()
                 if self._engine.has_work() and self._step():
                     continue
                 self._refresh_snapshot()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+                self._mailbox.wake.wait(timeout=0.5)
+                self._mailbox.wake.clear()
         except BaseException as e:
             log.exception("engine thread died")
             message = f"engine failed: {type(e).__name__}: {e}"
-            with self._death:
-                self.error = message
             self._fail_all(message)
             if self.on_fatal is not None:
                 self.on_fatal(message)
-
-    def _drain_commands(self) -> None:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            command.run()
 
     def _step(self) -> bool:
         """One engine step; False if nothing could be scheduled (blocks pinned
@@ -426,8 +390,8 @@ class AsyncEngine:
         self.loop.call_soon_threadsafe(_deliver, [(d, q) for d in deltas])
 
     def _fail_all(self, message: str) -> None:
-        """The engine is dead: end every live request and every command still
-        queued (self.error is already set, so no new one is queued)."""
+        """The engine is dead: end every live request, refuse new commands and
+        end the queued ones."""
         deltas = [
             (TokenDelta(rid, [], [], error=message), entry.queue)
             for rid, entry in self._state.live.items()
@@ -435,12 +399,7 @@ class AsyncEngine:
         self._state.live.clear()
         if deltas:
             self.loop.call_soon_threadsafe(_deliver, deltas)
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            command.on_dead(message)
+        self._mailbox.die(message)
 
     def _refresh_snapshot(self) -> None:
         snapshot = self._engine.snapshot()

@@ -150,8 +150,8 @@ def test_a_bad_fault_injection_value_is_a_clean_error(tiny_llama, tmp_path):
 
 
 def test_ray_replica_fails_its_health_check_once_its_engine_died(tiny_llama):
-    """Serve replaces a replica whose check_health raises (deploy/ray_app.py)."""
-    from deploy.ray_app import DecodeReplica
+    """Serve replaces a replica whose check_health raises (deploy/ray_replicas.py)."""
+    from deploy.ray_replicas import DecodeReplica
     from engine.async_engine import AsyncEngine
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine

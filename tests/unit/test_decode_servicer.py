@@ -11,7 +11,8 @@ from pathlib import Path
 import grpc
 
 from decode_worker.metrics import DecodeMetrics
-from decode_worker.server import DecodeOptions, DecodeServicer
+from decode_worker.options import DecodeOptions
+from decode_worker.server import DecodeServicer
 from engine import SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig

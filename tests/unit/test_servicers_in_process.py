@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from decode_worker.metrics import DecodeMetrics
-from decode_worker.server import DecodeOptions, DecodeServicer
+from decode_worker.options import DecodeOptions
+from decode_worker.server import DecodeServicer
 from engine import LLM, SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
