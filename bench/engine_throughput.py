@@ -215,7 +215,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
 
-    from engine.builtin_model import ensure_default_model
+    from modelmaker import ensure_default_model
 
     model_dir = args.model or str(ensure_default_model())
     llm = LLM(

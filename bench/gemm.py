@@ -40,8 +40,8 @@ def best_ms(fn: Callable[[], object], reps: int) -> float:
 
 def model_shapes(model_dir: str | None) -> dict[str, tuple[int, int, int]]:
     """layer name -> (in_features, out_features, how many per step)."""
-    from engine.builtin_model import ensure_default_model
     from engine.config import ModelConfig
+    from modelmaker import ensure_default_model
 
     cfg = ModelConfig.from_pretrained(model_dir or str(ensure_default_model()))
     q, kv, hidden = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size

@@ -216,8 +216,8 @@ def start_worker(module: str, model: str, workdir: Path, name: str, extra: list[
 def bench_ttft(prompt_lens: list[int], trials: int) -> list[dict]:
     import grpc
 
-    from engine.builtin_model import make_model
     from engine.sampling_params import SamplingParams
+    from modelmaker import make_model
     from protos import splitserve_pb2 as pb
     from protos import splitserve_pb2_grpc as pb_grpc
     from worker.wire import params_to_pb

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:  # the built-in model's architecture, with room for 2048-token prompts
         import tempfile
 
-        from engine.builtin_model import make_model
+        from modelmaker import make_model
 
         model = str(
             make_model(

@@ -293,7 +293,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.model is None:
-        from engine.builtin_model import ensure_default_model
+        from modelmaker import ensure_default_model
 
         args.model = str(ensure_default_model())
     from engine.config import ModelConfig

@@ -221,7 +221,7 @@ def pool_engine_config(config: ClusterConfig, pool: Pool) -> EngineConfig:
     e = pool.engine
     model = config.model_path
     if model is None:
-        from engine.builtin_model import ensure_default_model
+        from modelmaker import ensure_default_model
 
         model = str(ensure_default_model())
     return EngineConfig(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -37,9 +36,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from kvtransfer.security import SECRET_ENV, launch_secret
+from deploy.worker_process import WorkerProcess, describe_exit, log_tail, spawn
+from kvtransfer.peers import write_address_file
+from kvtransfer.security import launch_secret
 
 log = logging.getLogger("splitserve")
 
@@ -82,31 +82,6 @@ class ClusterSpec:
 
 
 @dataclass
-class WorkerProcess:
-    role: str  # "prefill" | "decode" | "colocated"
-    index: int
-    proc: subprocess.Popen[bytes]  # the current process; replaced on a restart
-    ready_file: Path
-    log_file: Path  # every run of this worker appends to it
-    address: str = ""
-    metrics_port: int = 0
-    # Supervision (changed only under LocalCluster._lock):
-    started_at: float = field(default_factory=time.monotonic)
-    restarts: int = 0  # times it was started again after exiting
-    backoff_s: float = 0.0  # the delay before the last restart (0: none yet)
-    restart_at: float | None = None  # exited: when it is started again
-    ready: bool = False  # the current process wrote its ready file
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}-{self.index}"
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-
-@dataclass
 class LocalCluster:
     spec: ClusterSpec
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="splitserve-")))
@@ -135,10 +110,10 @@ class LocalCluster:
             # router sends a first request (a restarted decode worker reads it too).
             plan = [("prefill", i) for i in range(spec.prefill)]
             self._start(plan + [("decode", i) for i in range(spec.decode)])
-            _write_atomically(self.prefill_listing, "\n".join(self.addresses("prefill")) + "\n")
-        # This thread restarts workers, and a child started with
-        # _die_with_parent gets SIGTERM when the *thread* that started it
-        # ends: it runs until stop(), and survives any error (see _watch).
+            write_address_file(self.prefill_listing, self.addresses("prefill"))
+        # This thread restarts workers, and a child that `spawn` started gets
+        # SIGTERM when the *thread* that started it ends: it runs until
+        # stop(), and survives any error (see _watch).
         threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
 
     def _start(self, plan: Iterable[tuple[str, int]]) -> None:
@@ -169,25 +144,7 @@ class LocalCluster:
             cmd.append("--colocated")
         if role == "decode":  # the only prefill workers it may dial
             cmd += ["--prefill-addresses-file", str(self.prefill_listing)]
-        env = dict(os.environ)
-        env[SECRET_ENV] = self.secret  # not on the command line, which `ps` shows
-        # Idle OpenMP threads spin by default, stealing the cores a busy
-        # neighbour worker needs; make them sleep.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        with open(log_file, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=_die_with_parent,
-                # Its own session: Ctrl-C in the terminal reaches only the
-                # launcher, which stops the workers itself (a worker that a
-                # terminal's SIGINT stopped first would look like a crash).
-                start_new_session=True,
-            )
-        log.info("started %s-%d (pid %d), log %s", role, index, proc.pid, log_file)
-        return proc
+        return spawn(cmd, self.secret, log_file, f"{role}-{index}")
 
     def _wait_ready(self, workers: Sequence[WorkerProcess]) -> None:
         deadline = time.monotonic() + self.spec.ready_timeout_s
@@ -203,7 +160,7 @@ class LocalCluster:
                 elif w.proc.poll() is not None:
                     raise RuntimeError(
                         f"{w.name} exited with code {w.proc.returncode} while starting:\n"
-                        + _tail(w.log_file)
+                        + log_tail(w.log_file)
                     )
             if time.monotonic() > deadline:
                 names = ", ".join(w.name for w in pending)
@@ -243,8 +200,8 @@ class LocalCluster:
         log.error(
             "%s (pid %d, %s) exited with code %s after %.1fs; restarting it in %.0fs "
             "(restart %d). The end of its log (%s):\n%s",
-            w.name, w.proc.pid, w.address, _exit_code(code), up_s, w.backoff_s, w.restarts + 1,
-            w.log_file, _tail(w.log_file),
+            w.name, w.proc.pid, w.address, describe_exit(code), up_s, w.backoff_s, w.restarts + 1,
+            w.log_file, log_tail(w.log_file),
         )  # fmt: skip
 
     def _restart(self, w: WorkerProcess, now: float) -> None:
@@ -363,52 +320,3 @@ def _banner(url: str, model: str, workers: Sequence[WorkerProcess], api_key: boo
 
 def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def _pdeathsig() -> Any:
-    """libc's prctl, looked up once here: restarts fork from a process whose
-    gRPC and router threads run, and a lookup (dlsym) in the forked child
-    could wait forever for a lock one of them held."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _pdeathsig()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launcher dies, even by
-    SIGKILL, so no worker outlives its cluster (Linux; elsewhere a no-op)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _exit_code(code: int) -> str:
-    """70 -> "70 (its engine died)", -9 -> "-9 (SIGKILL)"."""
-    from worker.process import EXIT_ENGINE_DIED
-
-    if code == EXIT_ENGINE_DIED:
-        return f"{code} (its engine died)"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"{code} ({signal.Signals(-code).name})"
-    return str(code)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # A reader sees the old file or the whole new one, never half of it.
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -38,7 +38,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the arguments describe; builds the default model if none is named."""
     model = args.model
     if model is None:
-        from engine.builtin_model import ensure_default_model
+        from modelmaker import ensure_default_model
 
         model = str(ensure_default_model())
     return EngineConfig(

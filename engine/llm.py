@@ -51,7 +51,7 @@ class LLM:
         linear_backend: str = "auto",
     ) -> None:
         if model is None:
-            from engine.builtin_model import ensure_default_model
+            from modelmaker import ensure_default_model
 
             model = str(ensure_default_model())
         self.engine = LLMEngine(

@@ -152,6 +152,15 @@ async def read_address_file(path: Path) -> list[str]:
     return parse_addresses(",".join(text.split()))
 
 
+def write_address_file(path: Path, addresses: Iterable[str]) -> None:
+    """The file read_address_file reads, one address per line. Written
+    atomically: a decode worker reading it meanwhile sees the old file or
+    the whole new one, never half an address."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(addresses) + "\n")
+    tmp.replace(path)
+
+
 def parse_addresses(text: str) -> list[str]:
     """'a:1,b:2' as ['a:1', 'b:2'], each checked."""
     out = [a.strip() for a in text.split(",") if a.strip()]

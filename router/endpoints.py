@@ -30,14 +30,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from router.body import read_body
 from router.dispatch import WorkerFailed
 from router.errors import APIError, error_body
 from router.flow import Delta, Finish, run_request
 from router.metrics import RouterMetrics
 from router.pool import WorkerPool
-from router.preprocess import OFF_LOOP_BYTES, Prepared, ServedModel, prepare, read_body
+from router.preprocess import OFF_LOOP_BYTES, Prepared, prepare
 from router.protocol import Endpoint
 from router.responses import ChatFormat, CompletionFormat
+from router.served_model import ServedModel
 from router.textstream import TokenInfo
 
 log = logging.getLogger("splitserve.router")

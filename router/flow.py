@@ -24,7 +24,8 @@ from protos import splitserve_pb2 as pb
 from router.dispatch import DEFAULT_MIGRATION_LIMIT, DecodeCall
 from router.metrics import RouterMetrics
 from router.pool import WorkerPool
-from router.preprocess import Prepared, ServedModel
+from router.preprocess import Prepared
+from router.served_model import ServedModel
 from router.textstream import TextAssembler, TokenInfo
 
 

@@ -23,7 +23,7 @@ Endpoint = Literal["completions", "chat_completions"]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 # str | [str] | [token ids] | [[token ids]]: the lists of length 1 are how
-# batching clients send one prompt; longer ones are rejected in preprocess.py.
+# batching clients send one prompt; longer ones are rejected in prompt_ids.py.
 Prompt = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
 
 # What each union-typed field accepts, for error messages (pydantic's own

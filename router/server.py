@@ -29,8 +29,8 @@ from router.endpoints import Generation
 from router.errors import APIError, install_error_handlers
 from router.metrics import RouterMetrics
 from router.pool import Discover, WorkerPool
-from router.preprocess import ServedModel
 from router.selection import Policy
+from router.served_model import ServedModel
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for(condition, timeout: float, what: str, poll_s: float = 0.1) -> None:
+    """Poll `condition()` until it holds; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(poll_s)
+
+
 class ServeCluster:
     def __init__(
         self, model: Path, log_path: Path, *serve_args: str, port: int | None = None

@@ -17,7 +17,7 @@ logging.getLogger("splitserve").setLevel(logging.INFO)
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    from engine.builtin_model import make_model
+    from modelmaker import make_model
 
     root = tmp_path_factory.mktemp("models")
     return {
@@ -35,14 +35,15 @@ def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-LANES = ("unit", "e2e", "deploy")
+LANES = ("unit", "e2e", "deploy", "gpu")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each test is marked with its lane, the folder it lives in: `-m unit`
     runs what needs no process of ours, `-m e2e` the local clusters, `-m
-    deploy` Ray, the manifests and the dashboard."""
+    deploy` Ray, the manifests and the dashboard, `-m gpu` the engine on CUDA
+    (skipped, with the reason, where there is none)."""
     for item in items:
         lane = Path(item.fspath).parent.name
-        assert lane in LANES, f"{item.nodeid}: tests live in tests/unit, tests/e2e or tests/deploy"
+        assert lane in LANES, f"{item.nodeid}: tests live in tests/{{{','.join(LANES)}}}"
         item.add_marker(getattr(pytest.mark, lane))

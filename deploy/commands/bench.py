@@ -1,4 +1,4 @@
-"""`splitserve bench`: load any OpenAI-compatible endpoint (deploy/loadgen.py)."""
+"""`splitserve bench`: load any OpenAI-compatible endpoint (deploy/loadgen/)."""
 
 from __future__ import annotations
 

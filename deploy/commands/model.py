@@ -61,7 +61,7 @@ def add_generate_parser(sub: Any) -> None:
 
 
 def _make_model(args: argparse.Namespace) -> int:
-    from engine.builtin_model import make_model
+    from modelmaker import make_model
 
     t0 = time.monotonic()
     path = make_model(args.dir, preset=args.preset, arch=args.arch, seed=args.seed)

@@ -188,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
             request_timeout_s=args.request_timeout,
         )
     if spec_kwargs["model"] is None:
-        from engine.builtin_model import ensure_default_model
+        from modelmaker import ensure_default_model
 
         spec_kwargs["model"] = str(ensure_default_model())
     spec_kwargs["decode_args"] = (*spec_kwargs["decode_args"], *decode_extra)

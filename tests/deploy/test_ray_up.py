@@ -35,7 +35,7 @@ from tests.ray_cluster import (
 
 @pytest.fixture(scope="module")
 def ray_up(tmp_path_factory):
-    from engine.builtin_model import make_model
+    from modelmaker import make_model
 
     tmp = tmp_path_factory.mktemp("ray_up")
     # A context long enough for streams that outlast a scale-down.

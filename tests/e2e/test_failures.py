@@ -19,7 +19,7 @@ import pytest
 from engine import LLM, SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
-from tests.cluster import ServeCluster, assert_all_blocks_free, role_metric
+from tests.cluster import ServeCluster, assert_all_blocks_free, role_metric, wait_for
 from worker.wire import params_to_pb
 
 TTL_S = 3.0
@@ -141,9 +141,11 @@ def test_a_client_gone_during_prefill_frees_blocks_on_both_sides(cluster):
             httpx.stream("POST", url, json=body, timeout=1.0) as r,
         ):
             r.read()
-        time.sleep(1.0)  # the cancel reaches the decode worker
-        busy = [w for w in cluster.workers("decode") if w["awaiting_kv"]]
-        assert not busy, "a reservation outlived its cancelled request"
+        wait_for(
+            lambda: not any(w["awaiting_kv"] for w in cluster.workers("decode")),
+            15,
+            "a reservation outlived its cancelled request",
+        )
     finally:
         for w in prefill:
             os.kill(w["pid"], signal.SIGCONT)
@@ -165,7 +167,11 @@ def test_killing_a_prefill_worker_retries_its_queued_requests_elsewhere(cluster,
     ]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_for(
+        lambda: sum(w["awaiting_kv"] for w in cluster.workers("decode")) > 0,
+        30,
+        "no request reached the frozen prefill worker",
+    )
     os.kill(victim["pid"], signal.SIGKILL)  # ...until it dies with them
     for t in threads:
         t.join(timeout=60)

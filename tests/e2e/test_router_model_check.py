@@ -10,8 +10,8 @@ import time
 
 from fastapi.testclient import TestClient
 
-from engine.builtin_model import make_model
 from engine.config import EngineConfig, ModelConfig
+from modelmaker import make_model
 from router import RouterConfig, build_app
 
 

@@ -31,7 +31,7 @@ VOCAB = 2048
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from engine.builtin_model import make_model
+    from modelmaker import make_model
 
     return make_model(tmp_path_factory.mktemp("router") / "tiny", preset="tiny", arch="llama")
 

@@ -12,7 +12,7 @@ from engine import LLM, SamplingParams
 from tests.engine_checks import assert_engine_clean
 
 VOCAB = 2048
-EOS = 2  # engine/builtin_model.py: <unk>, <s>, </s> get Llama's ids 0, 1, 2
+EOS = 2  # modelmaker/special_tokens.py: <unk>, <s>, </s> get Llama's ids 0, 1, 2
 PROMPTS = ["The quick brown fox", "Hello, world! Please answer", "def add(a, b):"]
 
 

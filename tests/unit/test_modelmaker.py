@@ -1,4 +1,4 @@
-"""The built-in model maker: loadable, deterministic, and decisive-but-varied under greedy."""
+"""The model maker (modelmaker/): loadable, deterministic, and decisive-but-varied under greedy."""
 
 from __future__ import annotations
 
@@ -15,8 +15,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import builtin_model
-from engine.builtin_model import ARCHS, PRESETS, default_model_dir, ensure_default_model, make_model
+from modelmaker import (
+    ARCHS,
+    PRESETS,
+    default_model,
+    default_model_dir,
+    ensure_default_model,
+    make_model,
+)
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -201,22 +207,22 @@ def test_ensure_default_model_builds_once_and_atomically(
 ):
     # The small preset is too slow for a unit test; the caching logic is preset-independent.
     monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(builtin_model, "DEFAULT_PRESET", "tiny")
+    monkeypatch.setattr(default_model, "DEFAULT_PRESET", "tiny")
     models = tmp_path / "models"
 
-    real_make_model = builtin_model.make_model
+    real_make_model = default_model.make_model
 
     def crash_mid_write(out_dir: Path, **kwargs: object) -> Path:
         (Path(out_dir) / "config.json").write_text("{}")
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(builtin_model, "make_model", crash_mid_write)
+    monkeypatch.setattr(default_model, "make_model", crash_mid_write)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_default_model()
     assert not default_model_dir().exists()
     assert list(models.iterdir()) == []  # the temp dir is cleaned up too
 
-    monkeypatch.setattr(builtin_model, "make_model", real_make_model)
+    monkeypatch.setattr(default_model, "make_model", real_make_model)
     path = ensure_default_model()
     assert path == default_model_dir() == models / "tiny-llama-seed0"
     assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "llama"
@@ -225,5 +231,5 @@ def test_ensure_default_model_builds_once_and_atomically(
     def must_not_rebuild(*args: object, **kwargs: object) -> Path:
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(builtin_model, "make_model", must_not_rebuild)
+    monkeypatch.setattr(default_model, "make_model", must_not_rebuild)
     assert ensure_default_model() == path
