@@ -158,7 +158,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="MIN,MAX",
         help="seconds a frozen worker stays stopped, uniform (default 3,10)",
     )
-    add("--dataset", choices=loadgen.DATASETS, default=d.dataset, help="(default seed)")
+    # multiturn chains requests (each turn after the last); a soak's load is open-loop.
+    open_loop = [name for name in loadgen.DATASETS if name != "multiturn"]
+    add("--dataset", choices=open_loop, default=d.dataset, help="(default seed)")
     add("--input-len", type=int, default=d.input_len, help="dataset random: prompt tokens")
     add("--output-len", type=int, default=d.output_len, help="dataset random: output tokens")
     add(

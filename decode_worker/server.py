@@ -398,11 +398,13 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             t.queue_s = first.timings.queue_s
             t.prefill_s = first.timings.prefill_s
             t.prefill_address = first.prefill_address
+            t.num_cached_tokens = first.timings.num_cached_tokens
             t.kv_transfer_s = result.kv_seconds
             t.kv_transfer_bytes = result.kv_bytes
         else:
             t.queue_s = _gap(out.arrival_time, out.scheduled_time)
             t.prefill_s = _gap(out.scheduled_time, out.first_token_time)
+            t.num_cached_tokens = out.num_cached_tokens
         if progress.first_token_time is not None:
             t.ttft_s = progress.first_token_time - progress.arrival
             t.decode_s = now - progress.first_token_time

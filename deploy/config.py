@@ -53,6 +53,10 @@ class EngineLimits(_Strict):
     max_model_len: int | None = Field(None, ge=2, description="context length")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    prefix_caching: bool = Field(
+        engine_default("enable_prefix_caching"),
+        description="reuse the KV of full blocks a prompt shares with an earlier one",
+    )
 
 
 class Autoscaling(_Strict):
@@ -93,7 +97,7 @@ class Router(_Strict):
     api_key_env: str | None = Field(
         None, description="or: the environment variable that holds the key (e.g. from a Secret)"
     )
-    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    policy: Literal["cache_aware", "least_loaded", "round_robin"] = "cache_aware"
     request_timeout_s: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="end-to-end limit per request (504 past it)"
     )
@@ -203,6 +207,8 @@ def pool_engine_args(
         args += ["--dtype", e.dtype]
     if "threads" in e.model_fields_set:
         args += ["--threads", str(e.threads)]
+    if not e.prefix_caching:
+        args.append("--no-prefix-caching")
     args += ["--drain-timeout", str(pool.drain_timeout_s)]
     args += ["--price-per-hour", str(pool.price_per_replica_hour)]
     if e.max_model_len is not None:
@@ -231,4 +237,5 @@ def pool_engine_config(config: ClusterConfig, pool: Pool) -> EngineConfig:
         max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens,
         max_model_len=e.max_model_len,
+        enable_prefix_caching=e.prefix_caching,
     )

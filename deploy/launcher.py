@@ -69,7 +69,7 @@ class ClusterSpec:
     decode_args: tuple[str, ...] = ()
     served_model_name: str | None = None
     api_key: str | None = None  # the router then requires it on /v1/
-    policy: str = "least_loaded"  # how the router picks a decode worker
+    policy: str = "cache_aware"  # how the router picks workers (router/selection.py)
     migration_limit: int = 3  # times a request may move off a failed decode worker
     request_timeout_s: float | None = None  # the router's end-to-end limit per request
     ready_timeout_s: float = 300.0

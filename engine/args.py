@@ -31,6 +31,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="token budget of one step",
     )
     g.add_argument("--max-model-len", type=int, default=None, help="context length")
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt from scratch (by default full KV blocks that a new "
+        "prompt shares with an earlier one are reused)",
+    )
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
@@ -50,4 +57,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
     )

@@ -390,8 +390,10 @@ class AsyncEngine:
         self.loop.call_soon_threadsafe(_deliver, [(d, q) for d in deltas])
 
     def _fail_all(self, message: str) -> None:
-        """The engine is dead: end every live request, refuse new commands and
-        end the queued ones."""
+        """The engine is dead: refuse new commands, end the queued ones and
+        every live request. `error` is set before any request hears of the
+        death, so whoever hears it finds the engine dead."""
+        self._mailbox.die(message)
         deltas = [
             (TokenDelta(rid, [], [], error=message), entry.queue)
             for rid, entry in self._state.live.items()
@@ -399,7 +401,6 @@ class AsyncEngine:
         self._state.live.clear()
         if deltas:
             self.loop.call_soon_threadsafe(_deliver, deltas)
-        self._mailbox.die(message)
 
     def _refresh_snapshot(self) -> None:
         snapshot = self._engine.snapshot()

@@ -175,6 +175,9 @@ class EngineConfig:
     # fast as nn.Linear's MKL path on the CPUs measured; engine/model/packed_linear.py),
     # "torch" keeps nn.Linear, "onednn" insists on packing.
     linear_backend: str = "auto"
+    # Automatic prefix caching: full blocks of computed KV are shared by
+    # requests whose tokens start the same way (engine/block_pool.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -49,6 +49,7 @@ class LLM:
         device: str = "auto",
         attention_backend: str = "auto",
         linear_backend: str = "auto",
+        enable_prefix_caching: bool = engine_default("enable_prefix_caching"),
     ) -> None:
         if model is None:
             from modelmaker import ensure_default_model
@@ -66,6 +67,7 @@ class LLM:
                 max_model_len=max_model_len,
                 attention_backend=attention_backend,
                 linear_backend=linear_backend,
+                enable_prefix_caching=enable_prefix_caching,
             )
         )
         log.info("dtype: %s", self.engine.config.dtype_choice(self.engine.model_config).describe())

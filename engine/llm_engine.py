@@ -31,7 +31,9 @@ class LLMEngine:
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
         self.eos_token_ids = self._eos_ids()
         self.runner = ModelRunner(config, self.model_config)
-        self.block_pool = BlockPool(self.runner.num_blocks, config.block_size)
+        self.block_pool = BlockPool(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs,
@@ -207,6 +209,8 @@ class LLMEngine:
             num_steps=sched.stats.num_steps,
             mean_batch_size=sched.stats.mean_running,
             num_preemptions=sched.stats.num_preemptions,
+            prefix_queries=sched.stats.prefix_queries,
+            prefix_hits=sched.stats.prefix_hits,
         )
 
     def _stop_string_hit(self, req: Request, token: int) -> bool:
@@ -295,6 +299,7 @@ class LLMEngine:
             if req.sampling_params.logprobs is not None
             else None,
             num_preemptions=req.num_preemptions,
+            num_cached_tokens=req.num_cached_tokens,
             arrival_time=req.arrival_time,
             scheduled_time=req.scheduled_time,
             first_token_time=req.first_token_time,

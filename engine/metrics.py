@@ -84,6 +84,19 @@ class EngineMetrics:
             registry=registry,
         ).labels(role)
         self._preemptions_seen = 0
+        self.prefix_queries = Counter(
+            "splitserve_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (at each request's first admission).",
+            labels,
+            registry=registry,
+        ).labels(role)
+        self.prefix_hits = Counter(
+            "splitserve_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache: their KV was reused, not computed.",
+            labels,
+            registry=registry,
+        ).labels(role)
+        self._prefix_seen = (0, 0)
         self._produced: Counter | None = None
         self.cost = ReplicaCost()
         Gauge(
@@ -134,3 +147,7 @@ class EngineMetrics:
         if snap.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(snap.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = snap.num_preemptions
+        queries, hits = self._prefix_seen
+        self.prefix_queries.inc(snap.prefix_queries - queries)
+        self.prefix_hits.inc(snap.prefix_hits - hits)
+        self._prefix_seen = (snap.prefix_queries, snap.prefix_hits)

@@ -22,6 +22,8 @@ class RequestOutput:
     scheduled_time: float | None  # first admitted to the batch
     first_token_time: float | None
     finish_time: float
+    # Prompt tokens whose KV came from the prefix cache, not computed.
+    num_cached_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -87,6 +89,9 @@ class EngineSnapshot:
     num_steps: int = 0
     mean_batch_size: float = 0.0
     num_preemptions: int = 0
+    # Prompt tokens looked up in the prefix cache, and found (since start).
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
     @property
     def kv_usage(self) -> float:

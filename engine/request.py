@@ -50,6 +50,12 @@ class Request:
     num_computed_tokens: int = 0
     # Set by the scheduler.
     status: RequestStatus = RequestStatus.WAITING
+    # Set by the scheduler: prompt tokens found in the prefix cache when the
+    # request was first admitted (OpenAI's usage.prompt_tokens_details.cached_tokens).
+    num_cached_tokens: int = 0
+    # The chained hashes of its full blocks of known tokens, grown as needed
+    # (engine/block_pool.py); the scheduler's.
+    block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
     # Set by the caller: on finishing, keep the blocks until release_blocks()
     # (a prefill worker holds the KV until the decode worker has it).

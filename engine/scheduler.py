@@ -55,7 +55,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from engine.block_pool import BlockPool
+from engine.block_pool import BlockPool, extend_block_hashes
 from engine.request import Request, RequestStatus
 
 
@@ -101,6 +101,9 @@ class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
     running_batch_sum: int = 0  # sum over steps of running requests, for the average
+    # Prefix cache: prompt tokens looked up at first admission, and found.
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
     @property
     def mean_running(self) -> float:
@@ -203,6 +206,7 @@ class Scheduler:
         req = self.awaiting_kv.pop(request_id)
         if kv_valid:
             req.num_computed_tokens = req.num_prompt_tokens
+            self._cache_computed(req, 0)
         else:
             self.pool.free(request_id)
         req.status = RequestStatus.WAITING
@@ -262,17 +266,23 @@ class Scheduler:
         if not out.preempted or not out.scheduled:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
-                target = req.num_computed_tokens + n
-                if not self.pool.can_allocate(req.request_id, target) and not (
-                    not self.running and self._make_room(req, target, out.preempted)
+                prefix = self._cached_prefix(req)
+                computed = len(prefix) * self.pool.block_size or req.num_computed_tokens
+                n = min(req.num_tokens - computed, budget)
+                target = computed + n
+                if not self.pool.can_allocate(req.request_id, target, prefix) and not (
+                    not self.running and self._make_room(req, target, out.preempted, prefix)
                 ):
                     break  # FCFS: nobody overtakes the head of the queue
                 self.waiting.popleft()
-                self.pool.allocate(req.request_id, req.num_computed_tokens + n)
+                self.pool.allocate(req.request_id, target, prefix)
+                req.num_computed_tokens = computed
                 req.status = RequestStatus.RUNNING
                 if req.scheduled_time is None:
                     req.scheduled_time = time.monotonic()
+                    req.num_cached_tokens = len(prefix) * self.pool.block_size
+                    self.stats.prefix_queries += req.num_prompt_tokens
+                    self.stats.prefix_hits += req.num_cached_tokens
                 self.running.append(req)
                 out.scheduled.append(
                     ScheduledRequest(req, n, self.pool.block_table(req.request_id))
@@ -300,17 +310,41 @@ class Scheduler:
         self.pool.allocate(req.request_id, target)
         return True
 
-    def _make_room(self, req: Request, target: int, preempted: list[Request]) -> bool:
+    def _make_room(
+        self, req: Request, target: int, preempted: list[Request], prefix: Sequence[int] = ()
+    ) -> bool:
         """Free blocks of ready waiting requests (their KV came from elsewhere),
-        newest first, until `req` can grow to `target` tokens. True if it can."""
+        newest first, until `req` can grow to `target` tokens (starting from
+        the shared `prefix`, for one that holds nothing). True if it can."""
         rid = req.request_id
         for victim in reversed(self.waiting):
-            if self.pool.can_allocate(rid, target):
+            if self.pool.can_allocate(rid, target, prefix):
                 return True
             if victim is not req and self.pool.block_table(victim.request_id):
                 self._drop_kv(victim)  # it keeps its place in the queue
                 preempted.append(victim)
-        return self.pool.can_allocate(rid, target)
+        return self.pool.can_allocate(rid, target, prefix)
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks a request that holds none can start from: full
+        blocks of its known tokens, short of the last token (always computed:
+        its logits give the next token)."""
+        if not self.pool.enable_caching or self.pool.block_table(req.request_id):
+            return []
+        bs = self.pool.block_size
+        tokens = req.prompt_token_ids + req.output_token_ids
+        hashes = extend_block_hashes(req.block_hashes, tokens, bs, (len(tokens) - 1) // bs)
+        return self.pool.cached_prefix(hashes[: (len(tokens) - 1) // bs])
+
+    def _cache_computed(self, req: Request, before: int) -> None:
+        """Register the blocks that became full and computed since `before`
+        tokens were computed."""
+        bs = self.pool.block_size
+        start, end = before // bs, req.num_computed_tokens // bs
+        if end > start and self.pool.enable_caching:
+            tokens = req.prompt_token_ids + req.output_token_ids
+            hashes = extend_block_hashes(req.block_hashes, tokens, bs, end)
+            self.pool.cache_blocks(req.request_id, hashes[:end], start)
 
     def _preempt(self, req: Request) -> None:
         """A running request leaves the batch for the front of the queue."""
@@ -341,6 +375,7 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens += sched.num_new_tokens
+            self._cache_computed(req, req.num_computed_tokens - sched.num_new_tokens)
             if sample is None:
                 continue
             token, logprob = sample

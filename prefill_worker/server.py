@@ -217,6 +217,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 prefill_s=_gap(out.scheduled_time, out.first_token_time),
                 ttft_s=_gap(out.arrival_time, out.first_token_time),
                 prefill_address=self.address,
+                num_cached_tokens=out.num_cached_tokens,
             ),
         )
         if out.logprobs:

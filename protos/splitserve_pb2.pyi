@@ -29,7 +29,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "kv_transfer_bytes", "ttft_s", "decode_s", "num_preemptions", "prefill_address")
+    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "kv_transfer_bytes", "ttft_s", "decode_s", "num_preemptions", "prefill_address", "num_cached_tokens")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Timings(_message.Message):
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     kv_transfer_s: float
@@ -46,14 +47,15 @@ class Timings(_message.Message):
     decode_s: float
     num_preemptions: int
     prefill_address: str
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefill_address: _Optional[str] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefill_address: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "address", "pid", "model", "max_model_len", "block_size", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "waiting_prompt_tokens", "awaiting_kv", "held", "metrics_port", "num_steps", "mean_batch_size", "num_preemptions", "vocab_size", "max_num_seqs", "cost_dollars", "tokens_produced", "max_waiting_requests", "max_waiting_prompt_tokens", "dtype", "dtype_reason")
+    __slots__ = ("role", "address", "pid", "model", "max_model_len", "block_size", "kv_blocks_total", "kv_blocks_free", "running", "waiting", "waiting_prompt_tokens", "awaiting_kv", "held", "metrics_port", "num_steps", "mean_batch_size", "num_preemptions", "vocab_size", "max_num_seqs", "cost_dollars", "tokens_produced", "max_waiting_requests", "max_waiting_prompt_tokens", "dtype", "dtype_reason", "prefix_cache_queries", "prefix_cache_hits")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,8 @@ class WorkerStatus(_message.Message):
     MAX_WAITING_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     role: str
     address: str
     pid: int
@@ -104,7 +108,9 @@ class WorkerStatus(_message.Message):
     max_waiting_prompt_tokens: int
     dtype: str
     dtype_reason: str
-    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prompt_tokens: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., held: _Optional[int] = ..., metrics_port: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., cost_dollars: _Optional[float] = ..., tokens_produced: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_waiting_prompt_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., dtype_reason: _Optional[str] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prompt_tokens: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., held: _Optional[int] = ..., metrics_port: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., cost_dollars: _Optional[float] = ..., tokens_produced: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_waiting_prompt_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., dtype_reason: _Optional[str] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_addresses", "resume_token_ids")

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from kvtransfer.security import ClusterSecurity, add_security_args
 from router.discovery import dns_discovery
+from router.selection import POLICIES
 from router.server import RouterConfig, serve
 
 T = TypeVar("T", int, float)
@@ -111,10 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--policy",
-        choices=["least_loaded", "round_robin"],
-        default="least_loaded",
-        help="how to pick a decode worker: most free KV blocks and least load, or in turn "
-        "(default: %(default)s)",
+        choices=list(POLICIES),
+        default="cache_aware",
+        help="how to pick workers: cache_aware weighs the prompt tokens a worker likely holds "
+        "in its prefix cache against its queued prompt tokens; least_loaded: most free KV "
+        "blocks and least load; round_robin: in turn (default: %(default)s)",
     )
     p.add_argument(
         "--migration-limit",

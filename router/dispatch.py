@@ -30,6 +30,7 @@ from protos import splitserve_pb2_grpc as pb_grpc
 from router.errors import APIError, bad_request, no_capacity
 from router.metrics import RouterMetrics
 from router.pool import Worker, WorkerPool
+from router.prefix_index import PromptBlocks
 from worker.wire import params_to_pb
 
 # Before the first message, these codes send the request to another worker.
@@ -76,6 +77,7 @@ class DecodeCall:
         self.metrics = metrics
         self.base_id = base_id
         self.prompt_ids = prompt_ids
+        self.blocks = PromptBlocks(prompt_ids)  # for cache-aware routing
         self.params = params
         self.migration_limit = migration_limit
         self.attempts = 0
@@ -131,12 +133,14 @@ class DecodeCall:
         n = len(self.prompt_ids) + len(resume)  # tokens whose KV the worker needs
         sampling = params_to_pb(self.params)
         while True:
-            w = self.pool.pick_decode(n, tried)
+            # A migrated request is recomputed with its tokens: routed by load.
+            blocks = None if resume else self.blocks
+            w = self.pool.pick_decode(n, tried, blocks)
             if w is None or w.channel is None:
                 raise no_capacity(_no_capacity_message(self.pool, reasons))
             tried.add(w.address)
-            # A migrated request is recomputed on the decode worker itself.
-            prefill = [] if resume else self.pool.rank_prefill(w)
+            # ...on the decode worker itself.
+            prefill = [] if resume else self.pool.rank_prefill(w, blocks)
             request = pb.GenerateRequest(
                 request_id=f"{self.base_id}-a{self.attempts}",
                 prompt_token_ids=self.prompt_ids,
@@ -145,7 +149,7 @@ class DecodeCall:
                 resume_token_ids=resume,
             )
             self.attempts += 1
-            self.pool.dispatched(w, prefill, n)
+            work = self.pool.dispatched(w, prefill, n, blocks)
             prefill_pending = True
             # No deadline: a stream lasts as long as the generation. wait_for_ready
             # off: a worker that is down fails the call at once.
@@ -155,7 +159,7 @@ class DecodeCall:
                 if isinstance(first, str):  # failed in a way another worker may not
                     reasons.append(first)
                     continue
-                self.pool.first_token(prefill, n)
+                self.pool.first_token(prefill, work)
                 prefill_pending = False
                 self.worker = w
                 msg = first
@@ -166,7 +170,7 @@ class DecodeCall:
                     msg = await self._next_message(w, call)
             finally:
                 if prefill_pending:
-                    self.pool.first_token(prefill, n)
+                    self.pool.first_token(prefill, work)
                 self.pool.ended(w)
                 call.cancel()  # no-op once the call is done
 

@@ -44,11 +44,12 @@ class Finish:
     completion_tokens: int
     timings: dict[str, Any]  # the response's "splitserve_timings"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.timings.get("cached_tokens", 0)},
         }
 
 
@@ -166,6 +167,7 @@ def _timings(
         "kv_transfer_bytes": pick("kv_transfer_bytes"),
         "decode_s": pick("decode_s"),
         "num_preemptions": pick("num_preemptions"),
+        "cached_tokens": pick("num_cached_tokens"),
         "prefill_worker": pick("prefill_address") or decode_address,
         "decode_worker": decode_address,
         "attempts": attempts,

@@ -124,6 +124,13 @@ class RouterMetrics:
             ["outcome"],
             registry=r,
         )
+        self.routing_decisions = Counter(
+            "splitserve_router_routing_decisions",
+            "Where prompts were sent to be computed, by reason: prefix_cache (the worker "
+            "likely held part of the prompt) or load.",
+            ["reason"],
+            registry=r,
+        )
 
     def track_cost(self, workers: Callable[[], Iterable[Any]]) -> None:
         """Cost and tokens per dollar, per pool and for the cluster, computed

@@ -26,6 +26,7 @@ from kvtransfer.security import ClusterSecurity, secure_channel  # keepalive, se
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from router import selection
+from router.prefix_index import PrefixIndex, PromptBlocks
 from router.selection import Policy
 
 log = logging.getLogger("splitserve.router")
@@ -51,12 +52,15 @@ class Worker:
     last_seen: float | None = None  # monotonic time of the last successful poll
     # The router's own bookkeeping, live:
     in_flight: int = 0  # D: Generate calls open to it now
-    # D: (send time, KV blocks, prompt tokens) of calls sent; those after
-    # status_time are not yet in the status (kv_blocks_free, waiting, ...).
+    # D: (send time, KV blocks, prompt tokens to compute there: its uncached
+    # part when it prefills) of calls sent; those after status_time are not
+    # yet in the status (kv_blocks_free, waiting, ...).
     dispatched: deque[tuple[float, int, int]] = field(default_factory=deque)
     # P: prompt tokens of requests that ranked it first and have no first token yet.
     pending_prompt_tokens: int = 0
     full_at: float = -1.0  # D: monotonic time it last answered RESOURCE_EXHAUSTED
+    # P, colocated: the prompt blocks sent to it recently (its likely prefix cache).
+    prefixes: PrefixIndex = field(default_factory=PrefixIndex)
 
     @property
     def role(self) -> str:
@@ -73,6 +77,13 @@ class Worker:
             return 0  # it said it is full since the last poll: believe it until the next
         unseen = sum(blocks for t, blocks, _ in self.dispatched if t >= self.status_time)
         return self.status.kv_blocks_free - unseen
+
+    def est_queued_prompt_tokens(self) -> int:
+        """Prompt tokens queued at the last poll, plus those the router sent since."""
+        if self.status is None:
+            return sum(tokens for _, _, tokens in self.dispatched)
+        unseen = sum(tokens for t, _, tokens in self.dispatched if t >= self.status_time)
+        return self.status.waiting_prompt_tokens + unseen
 
     def queue_full(self) -> bool:
         """Whether its queue is at a bound it reported (max_waiting_requests,
@@ -114,6 +125,8 @@ class Worker:
             "dtype_reason": (s.dtype_reason or None) if s else None,
             "cost_dollars": round(s.cost_dollars, 6) if s else None,
             "tokens_produced": s.tokens_produced if s else None,
+            "prefix_cache_queries": s.prefix_cache_queries if s else None,
+            "prefix_cache_hits": s.prefix_cache_hits if s else None,
             "router_in_flight": self.in_flight,
             "last_error": self.last_error,
             "last_seen_s_ago": round(now - self.last_seen, 3) if self.last_seen else None,
@@ -138,8 +151,9 @@ class WorkerPool:
         poll_timeout_s: float = 1.0,
         vocab_size: int | None = None,
         discover: Discover | None = None,
-        policy: Policy = "least_loaded",
+        policy: Policy = "cache_aware",
         security: ClusterSecurity | None = None,
+        on_decision: Callable[[str], None] | None = None,
     ) -> None:
         self.vocab_size = vocab_size  # the router's model: workers must match it
         self.decode = [Worker(a, "decode") for a in dict.fromkeys(decode)]
@@ -148,6 +162,9 @@ class WorkerPool:
         self.poll_timeout_s = poll_timeout_s
         self.discover = discover
         self.policy = policy
+        # Told why each prompt went where it went: "prefix_cache" (a worker
+        # likely held part of it) or "load" (none did, or the policy ignores it).
+        self.on_decision = on_decision
         self.security = security or ClusterSecurity()  # how to reach the workers
         self.last_discovery_error: str | None = None
         self._retired: list[Worker] = []  # removed, with calls still open
@@ -298,11 +315,19 @@ class WorkerPool:
 
     # -- selection (the policy is router/selection.py) ------------------------------
 
-    def pick_decode(self, prompt_len: int, exclude: set[str]) -> Worker | None:
+    def pick_decode(
+        self, prompt_len: int, exclude: set[str], prompt: PromptBlocks | None = None
+    ) -> Worker | None:
         """The best healthy decode worker not in `exclude`, or None (see
         selection.pick_decode)."""
         return selection.pick_decode(
-            self.decode, prompt_len, exclude, self.policy, next(self._rr), self.queue_full
+            self.decode,
+            prompt_len,
+            exclude,
+            self.policy,
+            next(self._rr),
+            self.queue_full,
+            prompt,
         )
 
     def queue_full(self, w: Worker) -> bool:
@@ -312,25 +337,48 @@ class WorkerPool:
         its queue waits on the prefill pool, which has its own."""
         return (w.role == "colocated" or not self.healthy_prefill) and w.queue_full()
 
-    def rank_prefill(self, decode: Worker) -> list[Worker]:
+    def rank_prefill(self, decode: Worker, prompt: PromptBlocks | None = None) -> list[Worker]:
         """Healthy prefill workers for `decode` to try, best first; none for a
         colocated worker (see selection.rank_prefill)."""
         if decode.role == "colocated":
             return []
-        return selection.rank_prefill(self.prefill, next(self._rr))
+        return selection.rank_prefill(self.prefill, next(self._rr), self.policy, prompt)
 
-    def dispatched(self, decode: Worker, prefill: Sequence[Worker], prompt_len: int) -> None:
-        """Count a Generate call about to go to `decode`."""
+    def dispatched(
+        self,
+        decode: Worker,
+        prefill: Sequence[Worker],
+        prompt_len: int,
+        prompt: PromptBlocks | None = None,
+    ) -> int:
+        """Count a Generate call about to go to `decode`, and remember which
+        worker computes the prompt (so holds its blocks next time). Returns
+        the prompt tokens it likely computes (its uncached part), which
+        first_token takes back."""
         decode.in_flight += 1
         blocks = -(-prompt_len // decode.block_size)
-        decode.dispatched.append((time.monotonic(), blocks, prompt_len))
+        computes = prefill[0] if prefill else decode
+        learns = prompt is not None and (bool(prefill) or decode.role == "colocated")
+        cached = selection.cached_tokens(computes, prompt) if learns else 0
+        work = prompt_len - cached
+        decode.dispatched.append((time.monotonic(), blocks, prompt_len if prefill else work))
         if prefill:
-            prefill[0].pending_prompt_tokens += prompt_len
+            prefill[0].pending_prompt_tokens += work
+        if not learns or prompt is None:
+            return work
+        if self.on_decision is not None:
+            hit = self.policy == "cache_aware" and cached > 0
+            self.on_decision("prefix_cache" if hit else "load")
+        if computes.status is not None:
+            computes.prefixes.capacity = max(1, computes.status.kv_blocks_total)
+        computes.prefixes.add(prompt.hashes(computes.block_size))
+        return work
 
-    def first_token(self, prefill: Sequence[Worker], prompt_len: int) -> None:
-        """The prompt is computed: it no longer loads its prefill worker."""
+    def first_token(self, prefill: Sequence[Worker], work: int) -> None:
+        """The prompt is computed: its `work` (what dispatched returned) no
+        longer loads its prefill worker."""
         if prefill:
-            prefill[0].pending_prompt_tokens -= prompt_len
+            prefill[0].pending_prompt_tokens -= work
 
     def ended(self, decode: Worker) -> None:
         """A Generate call to `decode` ended, however it ended."""

@@ -1,7 +1,16 @@
 """How the router chooses: the decode worker for a request, and the prefill
 workers to try for it, best first. Pure functions of each worker's last
 Status and the router's own counts since (router/pool.py holds those and is
-the only one to change them); `turn` breaks ties in rotation."""
+the only one to change them); `turn` breaks ties in rotation.
+
+cache_aware (the default) weighs what a worker likely holds in its prefix
+cache (router/prefix_index.py) against its load, both in prompt tokens of
+prefill work: the cost of sending a prompt to a worker is the prompt tokens
+queued there plus the prompt's tokens it would have to compute, its
+uncached part (Dynamo's cost is the same shape: overlap-weighted prefill
+blocks plus decode blocks). A hot prefix so stays where it is cached until
+that worker's queue outweighs what the cache saves, then spills over. When
+no worker is likely to hold any of the prompt, it is least_loaded."""
 
 from __future__ import annotations
 
@@ -10,8 +19,18 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from router.pool import Worker
+    from router.prefix_index import PromptBlocks
 
-Policy = Literal["least_loaded", "round_robin"]
+Policy = Literal["cache_aware", "least_loaded", "round_robin"]
+POLICIES: tuple[Policy, ...] = ("cache_aware", "least_loaded", "round_robin")
+
+
+def cached_tokens(w: Worker, prompt: PromptBlocks | None) -> int:
+    """Prompt tokens worker `w` likely holds in its prefix cache."""
+    if prompt is None:
+        return 0
+    bs = w.block_size
+    return w.prefixes.match(prompt.reusable(bs)) * bs
 
 
 def pick_decode(
@@ -21,6 +40,7 @@ def pick_decode(
     policy: Policy,
     turn: int,
     refuses: Callable[[Worker], bool],
+    prompt: PromptBlocks | None = None,
 ) -> Worker | None:
     """The best healthy decode worker not in `exclude`, or None.
 
@@ -33,6 +53,10 @@ def pick_decode(
     Either way a worker that `refuses` (its queue at its bound) is skipped, as
     it would refuse the request: when all are, the caller answers 503 at once
     instead of asking each.
+
+    cache_aware: a colocated worker likely to hold part of the prompt is
+    weighed by queued prompt tokens plus the prompt's uncached tokens (a
+    decode worker's cache is not used by remote prefill: least_loaded).
     """
     candidates = [
         (i, w)
@@ -42,6 +66,10 @@ def pick_decode(
     if not candidates:
         return None
     n = len(decode)
+    cached = {
+        w.address: cached_tokens(w, prompt) if w.role == "colocated" else 0 for _, w in candidates
+    }
+    by_cache = policy == "cache_aware" and any(cached.values())
 
     def key(iw: tuple[int, Worker]) -> tuple[bool, int, int, int]:
         i, w = iw
@@ -50,27 +78,37 @@ def pick_decode(
         if policy == "round_robin":
             return (free < need, 0, 0, (i - turn) % n)
         load = (w.status.running + w.status.waiting) if w.status else 0
+        if by_cache:
+            work = w.est_queued_prompt_tokens() + prompt_len - cached[w.address]
+            return (free < need, work, load + w.in_flight, (i - turn) % n)
         return (free < need, -free, load + w.in_flight, (i - turn) % n)
 
     return min(candidates, key=key)[1]
 
 
-def rank_prefill(prefill: Sequence[Worker], turn: int) -> list[Worker]:
+def rank_prefill(
+    prefill: Sequence[Worker],
+    turn: int,
+    policy: Policy = "least_loaded",
+    prompt: PromptBlocks | None = None,
+) -> list[Worker]:
     """The healthy prefill workers, least loaded first.
 
     Load is the larger of the queued prompt tokens the worker reported and
     the router's own count of prompt tokens sent its way that have no first
     token yet (the report lags a burst; the count misses other routers).
+    cache_aware subtracts the prompt tokens the worker likely holds cached:
+    what is left is the prefill work ahead of this prompt's first token.
     """
     n = max(1, len(prefill))
-    ranked = sorted(
-        ((i, w) for i, w in enumerate(prefill) if w.healthy),
-        key=lambda iw: (
-            max(
-                iw[1].status.waiting_prompt_tokens if iw[1].status else 0,
-                iw[1].pending_prompt_tokens,
-            ),
-            (iw[0] - turn) % n,
-        ),
-    )
+    by_cache = policy == "cache_aware"
+
+    def key(iw: tuple[int, Worker]) -> tuple[int, int]:
+        i, w = iw
+        load = max(w.status.waiting_prompt_tokens if w.status else 0, w.pending_prompt_tokens)
+        if by_cache:
+            load -= cached_tokens(w, prompt)
+        return (load, (i - turn) % n)
+
+    ranked = sorted(((i, w) for i, w in enumerate(prefill) if w.healthy), key=key)
     return [w for _, w in ranked]

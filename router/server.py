@@ -75,7 +75,7 @@ class RouterConfig:
     poll_interval_s: float = 0.5
     api_key: str | None = None  # if set, /v1/* requires "Authorization: Bearer <key>"
     discover: Discover | None = None
-    policy: Policy = "least_loaded"
+    policy: Policy = "cache_aware"
     migration_limit: int = 3  # times a request may move after its decode worker failed
     restarts: Callable[[], Mapping[str, tuple[str, int]]] | None = None
     request_timeout_s: float | None = None  # end to end; None: no limit
@@ -120,6 +120,7 @@ def build_app(config: RouterConfig, served: ServedModel | None = None) -> FastAP
         discover=config.discover,
         policy=config.policy,
         security=config.security,
+        on_decision=lambda reason: metrics.routing_decisions.labels(reason).inc(),
     )
     metrics.track_cost(lambda: pool.workers)
     if config.restarts is not None:

@@ -44,4 +44,6 @@ def worker_status(
         tokens_produced=tokens_produced,
         dtype=dtype.name,
         dtype_reason=dtype.reason,
+        prefix_cache_queries=snap.prefix_queries,
+        prefix_cache_hits=snap.prefix_hits,
     )

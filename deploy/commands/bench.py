@@ -30,15 +30,29 @@ def add_parser(sub: Any) -> None:
     )
     bn.add_argument(
         "--dataset",
-        choices=["random", "seed", "interference"],
+        choices=["random", "seed", "interference", "prefix", "multiturn"],
         default="random",
         help="random: --input-len/--output-len each; seed: ~128-token prompts, outputs from "
         "{32,...,512}; interference: short chat turns with --long-fraction of --long-len-token "
-        "prompts (default: %(default)s)",
+        "prompts; prefix: one of --prefix-count shared --prefix-len-token prefixes, then a "
+        "distinct --suffix-len-token suffix; multiturn: --conversations of --turns turns, each "
+        "resending the history (earlier turns and --output-len-token stand-ins for their "
+        "answers) plus --turn-len new tokens, sent after the turn before it finished "
+        "(default: %(default)s)",
     )
-    bn.add_argument("--num-prompts", type=int, default=100, help="requests per rate (default 100)")
+    bn.add_argument(
+        "--num-prompts",
+        type=int,
+        help="requests per rate (default 100; not for multiturn, which sends --conversations x "
+        "--turns)",
+    )
     bn.add_argument("--input-len", type=int, default=128, help="random: prompt tokens")
-    bn.add_argument("--output-len", type=int, default=128, help="random: output tokens")
+    bn.add_argument(
+        "--output-len",
+        type=int,
+        default=128,
+        help="random, prefix, multiturn: output tokens per request (default 128)",
+    )
     bn.add_argument(
         "--long-fraction", type=float, default=0.1, help="interference: share of long prompts"
     )
@@ -48,6 +62,27 @@ def add_parser(sub: Any) -> None:
         default=1536,
         help="interference: long prompt tokens (default 1536: with its output, it fits the "
         "built-in model's 2048-token context)",
+    )
+    bn.add_argument(
+        "--prefix-count", type=int, default=4, help="prefix: shared prefixes (default 4)"
+    )
+    bn.add_argument(
+        "--prefix-len", type=int, default=1024, help="prefix: tokens per prefix (default 1024)"
+    )
+    bn.add_argument(
+        "--suffix-len", type=int, default=64, help="prefix: tokens after the prefix (default 64)"
+    )
+    bn.add_argument(
+        "--conversations", type=int, default=8, help="multiturn: conversations (default 8)"
+    )
+    bn.add_argument(
+        "--turns", type=int, default=4, help="multiturn: turns per conversation (default 4)"
+    )
+    bn.add_argument(
+        "--turn-len",
+        type=int,
+        default=64,
+        help="multiturn: new tokens per turn, on top of the history (default 64)",
     )
     bn.add_argument(
         "--request-rate",
@@ -93,14 +128,24 @@ def _bench(args: argparse.Namespace) -> int:
         raise loadgen.BenchError("--max-concurrency must be at least 1")
     if args.price_per_hour is not None and args.price_per_hour < 0:
         raise loadgen.BenchError("--price-per-hour must be >= 0")
+    if args.dataset == "multiturn" and args.num_prompts is not None:
+        raise loadgen.BenchError(
+            "--num-prompts does not apply to multiturn: it sends --conversations x --turns"
+        )
     specs = loadgen.make_dataset(
         args.dataset,
-        args.num_prompts,
+        100 if args.num_prompts is None else args.num_prompts,
         seed=args.seed,
         input_len=args.input_len,
         output_len=args.output_len,
         long_fraction=args.long_fraction,
         long_len=args.long_len,
+        prefix_count=args.prefix_count,
+        prefix_len=args.prefix_len,
+        suffix_len=args.suffix_len,
+        conversations=args.conversations,
+        turns=args.turns,
+        turn_len=args.turn_len,
     )
     runs: list[dict[str, Any]] = []
     for rate in rates:
@@ -136,6 +181,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("api_key", "command", "run")}
+        config["num_prompts"] = len(specs)  # what was sent, multiturn's count included
         # JSON has no infinity: "all at once" is written as the string "inf".
         out = [
             {

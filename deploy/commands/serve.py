@@ -61,6 +61,14 @@ def add_serve_parser(sub: Any) -> None:
         help=f"token budget of one step (default {engine_default('max_num_batched_tokens')})",
     )
     sv.add_argument("--max-model-len", type=int, default=None)
+    sv.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        default=None,
+        help="every worker computes every prompt from scratch (default: full KV blocks a "
+        "prompt shares with an earlier one are reused)",
+    )
     sv.add_argument("--block-size", type=int, default=16)
     sv.add_argument(
         "--dtype",
@@ -146,12 +154,18 @@ def add_check_config_parser(sub: Any) -> None:
 
 
 def _engine_args(
-    kv_cache_mib: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None
+    kv_cache_mib: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    max_model_len: int | None,
+    prefix_caching: bool,
 ) -> list[str]:
     out = ["--kv-cache-mib", str(kv_cache_mib), "--max-num-seqs", str(max_num_seqs)]
     out += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
     if max_model_len is not None:
         out += ["--max-model-len", str(max_model_len)]
+    if not prefix_caching:
+        out.append("--no-prefix-caching")
     return out
 
 
@@ -174,6 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
             _or(args.max_num_seqs, engine_default("max_num_seqs")),
             _or(args.max_num_batched_tokens, engine_default("max_num_batched_tokens")),
             args.max_model_len,
+            _or(args.prefix_caching, True),
         )
         spec_kwargs = dict(
             model=args.model,
@@ -225,6 +240,7 @@ CONFIG_OWNED_FLAGS = {
     "max_num_seqs": "pools.<pool>.engine.max_num_seqs",
     "max_num_batched_tokens": "pools.<pool>.engine.max_num_batched_tokens",
     "max_model_len": "pools.<pool>.engine.max_model_len",
+    "prefix_caching": "pools.<pool>.engine.prefix_caching",
 }
 
 

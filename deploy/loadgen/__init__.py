@@ -7,7 +7,7 @@ sends them and times each one, `report` turns the timings into a run's
 figures, `plots` draws them. Callers import the names below from here.
 """
 
-from deploy.loadgen.client import RequestResult, cluster_cost, run_load
+from deploy.loadgen.client import RequestResult, cluster_cost, dispatch, run_load
 from deploy.loadgen.plots import plot
 from deploy.loadgen.report import (
     PERCENTILES,
@@ -42,6 +42,7 @@ __all__ = [
     "arrival_times",
     "check_context",
     "cluster_cost",
+    "dispatch",
     "format_summary",
     "latency_stats",
     "make_dataset",

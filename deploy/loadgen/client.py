@@ -1,5 +1,6 @@
-"""Driving the load: every request sent at its arrival time, streamed, and
-timed chunk by chunk.
+"""Driving the load: every request sent at its arrival time (or, if it
+follows another, when that one has finished, if later), streamed, and timed
+chunk by chunk.
 
 Per request (streaming, usage included):
   TTFT  send to the first chunk with text;
@@ -14,13 +15,15 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from deploy.loadgen.workload import BenchError, RequestSpec, arrival_times, check_context
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -116,7 +119,9 @@ async def run_load(
     max_concurrency: int | None = None,
     progress: bool = True,
 ) -> tuple[float, list[RequestResult]]:
-    """Send every request at its arrival time; (duration, results in order)."""
+    """Send every request at its arrival time, or after the request it
+    follows (RequestSpec.after) has finished if that is later; (duration,
+    results in order)."""
     base = base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -132,9 +137,6 @@ async def run_load(
         start = time.perf_counter()
 
         async def send(i: int) -> RequestResult:
-            delay = times[i] - (time.perf_counter() - start)
-            if delay > 0:
-                await asyncio.sleep(delay)
             if gate is None:
                 out = await _one(client, url, model, specs[i], headers, start)
             else:
@@ -145,11 +147,43 @@ async def run_load(
             return out
 
         try:
-            results = await asyncio.gather(*(send(i) for i in range(len(specs))))
+            results = await dispatch(specs, times, start, send)
         finally:
             if bar is not None:
                 bar.close()
-        return time.perf_counter() - start, list(results)
+        return time.perf_counter() - start, results
+
+
+async def dispatch(
+    specs: Sequence[RequestSpec],
+    times: Sequence[float],
+    start: float,
+    send: Callable[[int], Awaitable[R]],
+) -> list[R]:
+    """Call send(i) for every request at start + times[i], each that follows
+    another only once that one has finished (failed or not: its prompt does
+    not depend on the answer); the results in order."""
+    for i, spec in enumerate(specs):
+        # Only an earlier request may be followed, so no chain can wait on itself.
+        if spec.after is not None and not 0 <= spec.after < i:
+            raise BenchError(f"request {i} follows request {spec.after}, not an earlier one")
+    finished = [asyncio.Event() for _ in specs]
+
+    async def one(i: int) -> R:
+        try:
+            after = specs[i].after
+            if after is not None:
+                # Waited for outside any concurrency cap, which the
+                # request it waits for may need.
+                await finished[after].wait()
+            delay = times[i] - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return await send(i)
+        finally:
+            finished[i].set()
+
+    return list(await asyncio.gather(*(one(i) for i in range(len(specs)))))
 
 
 async def _model_card(

@@ -5,7 +5,10 @@ Arrivals: all at once (rate inf), or a Poisson process at --request-rate
 (--burstiness 1), burstier below 1 (gamma-distributed gaps, as vLLM).
 Datasets: random (given input and output lengths), seed (~128-token prompts,
 output lengths drawn from {32, 40, 50, 64, 80, 96, 200, 512}), interference
-(mostly short chat turns, some long prompts: 1536 tokens by default).
+(mostly short chat turns, some long prompts: 1536 tokens by default),
+prefix (a few long shared "system prompts", each request one of them and a
+distinct suffix: vLLM's prefix_repetition), multiturn (conversations whose
+every turn resends the whole history, so each prompt extends the last).
 Prompts are token ids, which OpenAI's completions API accepts, so lengths
 are exact on any server.
 """
@@ -18,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 SEED_OUTPUT_LENS = (32, 40, 50, 64, 80, 96, 200, 512)
-DATASETS = ("random", "seed", "interference")
+DATASETS = ("random", "seed", "interference", "prefix", "multiturn")
 SLO_METRICS = ("ttft", "tpot", "itl", "e2e")
 
 
@@ -30,6 +33,9 @@ class BenchError(ValueError):
 class RequestSpec:
     prompt: list[int]
     max_tokens: int
+    # The index of an earlier request that must finish before this one is
+    # sent: a conversation's next turn cannot be asked before the last answer.
+    after: int | None = None
 
 
 def make_dataset(
@@ -41,8 +47,15 @@ def make_dataset(
     long_fraction: float = 0.1,
     long_len: int = 1536,
     token_range: tuple[int, int] = (100, 1000),
+    prefix_count: int = 4,
+    prefix_len: int = 1024,
+    suffix_len: int = 64,
+    conversations: int = 8,
+    turns: int = 4,
+    turn_len: int = 64,
 ) -> list[RequestSpec]:
-    """The requests of one run, the same for the same arguments."""
+    """The requests of one run, the same for the same arguments. multiturn
+    has conversations x turns requests whatever num_prompts says."""
     if num_prompts < 1:
         raise BenchError(f"--num-prompts must be at least 1, got {num_prompts}")
     if name not in DATASETS:
@@ -51,7 +64,27 @@ def make_dataset(
         raise BenchError("input, output and long-prompt lengths must be at least 1")
     if not 0 <= long_fraction <= 1:
         raise BenchError(f"--long-fraction must lie in [0, 1], got {long_fraction}")
+    for flag, value in (
+        ("--prefix-count", prefix_count),
+        ("--prefix-len", prefix_len),
+        ("--suffix-len", suffix_len),
+        ("--conversations", conversations),
+        ("--turns", turns),
+        ("--turn-len", turn_len),
+    ):
+        if value < 1:
+            raise BenchError(f"{flag} must be at least 1, got {value}")
     rng = random.Random(seed)
+    if name == "prefix":
+        prefixes = _distinct(rng, token_range, prefix_count, prefix_len, "prefixes", "--prefix-len")
+        suffixes = _distinct(rng, token_range, num_prompts, suffix_len, "suffixes", "--suffix-len")
+        # Dealt evenly, then shuffled (as vLLM's prefix_repetition): each
+        # prefix is reused equally often (+-1), in no predictable order.
+        which = [i % prefix_count for i in range(num_prompts)]
+        rng.shuffle(which)
+        return [RequestSpec(prefixes[p] + suffixes[i], output_len) for i, p in enumerate(which)]
+    if name == "multiturn":
+        return _multiturn(rng, token_range, output_len, conversations, turns, turn_len)
     lo, hi = token_range
 
     def prompt(n: int) -> list[int]:
@@ -68,6 +101,60 @@ def make_dataset(
             specs.append(RequestSpec(prompt(long_len), rng.randint(16, 64)))
         else:  # interference: a short chat turn
             specs.append(RequestSpec(prompt(rng.randint(32, 256)), rng.randint(32, 128)))
+    return specs
+
+
+def _distinct(
+    rng: random.Random,
+    token_range: tuple[int, int],
+    count: int,
+    length: int,
+    what: str,
+    flag: str,
+) -> list[list[int]]:
+    """`count` different random prompts of `length` tokens: a repeated suffix
+    would be a whole-prompt cache hit, a repeated prefix one prefix fewer."""
+    lo, hi = token_range
+    if (hi - lo) ** length < count:
+        raise BenchError(f"{count} distinct {length}-token {what} cannot exist: raise {flag}")
+    seen: set[tuple[int, ...]] = set()
+    out: list[list[int]] = []
+    while len(out) < count:
+        tokens = [rng.randrange(lo, hi) for _ in range(length)]
+        if tuple(tokens) not in seen:
+            seen.add(tuple(tokens))
+            out.append(tokens)
+    return out
+
+
+def _multiturn(
+    rng: random.Random,
+    token_range: tuple[int, int],
+    output_len: int,
+    conversations: int,
+    turns: int,
+    turn_len: int,
+) -> list[RequestSpec]:
+    """Turn-major: every conversation's first turn, then every second turn,
+    and so on, each turn `after` its conversation's previous one. A client
+    that ignores `after` still sends each conversation's turns in order."""
+    lo, hi = token_range
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(lo, hi) for _ in range(n)]
+
+    history: list[list[int]] = [[] for _ in range(conversations)]
+    specs = []
+    for t in range(turns):
+        for c in range(conversations):
+            if t:
+                # The real answer is unknown when the workload is made; a
+                # stand-in as long (EOS is ignored) keeps the lengths true,
+                # though a prefix cache then finds the last prompt, not its answer.
+                history[c] = history[c] + tokens(output_len)
+            history[c] = history[c] + tokens(turn_len)
+            after = (t - 1) * conversations + c if t else None
+            specs.append(RequestSpec(history[c], output_len, after))
     return specs
 
 
@@ -139,5 +226,5 @@ def check_context(specs: Sequence[RequestSpec], max_model_len: int | None) -> No
         raise BenchError(
             f"{len(over)} of {len(specs)} requests exceed the server's context length "
             f"{max_model_len} (the longest: {len(worst.prompt)} prompt + {worst.max_tokens} "
-            "output tokens); lower --input-len, --output-len or --long-len"
+            "output tokens); lower --output-len or the dataset's prompt lengths"
         )

@@ -341,3 +341,34 @@ def test_cluster_endpoint_shape(disagg):
         assert w["kv_blocks_total"] > 0
         # WORKER_ARGS ask for float32: an explicit dtype wins over `auto`.
         assert (w["dtype"], w["dtype_reason"]) == ("float32", "requested")
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix_and_says_so(disagg, colocated, offline):
+    """The second time a long prompt arrives, the worker that prefills it
+    finds its full blocks in the prefix cache: usage reports them as cached
+    tokens (OpenAI's prompt_tokens_details), the worker's metrics count the
+    hit, and the output is the same as computed from scratch."""
+    prompt = " ".join(["the cat sat on the mat and then it ran away"] * 8)
+    (exp,) = offline.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False
+    )
+    for cluster, role in ((disagg, "prefill"), (colocated, "colocated")):
+        hits_before = role_metric(cluster, role, "splitserve_prefix_cache_hits_total")
+        usages = []
+        for _ in range(2):
+            r = client(cluster).completions.create(
+                model=model_name(cluster),
+                prompt=prompt,
+                max_tokens=10,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            assert r.choices[0].text == exp.text
+            usages.append(r.usage)
+        first, second = usages
+        assert first.prompt_tokens == second.prompt_tokens > 32
+        assert first.prompt_tokens_details.cached_tokens == 0
+        cached = second.prompt_tokens_details.cached_tokens
+        assert 16 <= cached < second.prompt_tokens and cached % 16 == 0
+        hits = role_metric(cluster, role, "splitserve_prefix_cache_hits_total") - hits_before
+        assert hits == cached

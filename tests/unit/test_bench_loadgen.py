@@ -3,9 +3,12 @@ serve` definitions)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import statistics
+import time
+from collections import Counter
 
 import pytest
 
@@ -76,3 +79,62 @@ def test_figures_follow_the_definitions():
     assert not loadgen.meets(failed, {})
     costed = loadgen.summarize(2.0, [a, b], {}, rate=4.0, cost_dollars=0.001)
     assert costed["output_tokens_per_dollar"] == pytest.approx(10 / 0.001)
+
+
+def test_prefix_dataset_shares_its_prefixes_and_nothing_else():
+    kw = dict(seed=5, output_len=9, prefix_count=4, prefix_len=32, suffix_len=8)
+    specs = loadgen.make_dataset("prefix", 42, **kw)
+    assert specs == loadgen.make_dataset("prefix", 42, **kw)
+    assert specs != loadgen.make_dataset("prefix", 42, **{**kw, "seed": 6})
+    assert all(len(s.prompt) == 40 and s.max_tokens == 9 and s.after is None for s in specs)
+    uses = Counter(tuple(s.prompt[:32]) for s in specs)
+    assert sorted(uses.values()) == [10, 10, 11, 11]  # 4 prefixes, dealt evenly
+    assert len({tuple(s.prompt[32:]) for s in specs}) == 42  # every suffix its own
+    order = [tuple(s.prompt[:32]) for s in specs]
+    assert order != [order[i % 4] for i in range(42)]  # shuffled, not round-robin
+    with pytest.raises(loadgen.BenchError, match="--prefix-len"):
+        loadgen.make_dataset("prefix", 5, prefix_len=0)
+    with pytest.raises(loadgen.BenchError, match="--suffix-len"):
+        loadgen.make_dataset("prefix", 50, suffix_len=1, token_range=(100, 110))
+
+
+def test_multiturn_prompts_resend_the_history_in_order():
+    kw = dict(seed=2, output_len=7, conversations=3, turns=4, turn_len=5)
+    specs = loadgen.make_dataset("multiturn", 1, **kw)  # num_prompts: not for multiturn
+    assert specs == loadgen.make_dataset("multiturn", 100, **kw)
+    assert specs != loadgen.make_dataset("multiturn", 1, **{**kw, "seed": 3})
+    assert len(specs) == 12
+    for i, s in enumerate(specs):
+        turn = i // 3  # turn-major: every first turn, then every second...
+        assert len(s.prompt) == (turn + 1) * 5 + turn * 7 and s.max_tokens == 7
+        if turn == 0:
+            assert s.after is None
+        else:
+            assert s.after == i - 3
+            before = specs[i - 3].prompt
+            assert s.prompt[: len(before)] == before
+    assert len({tuple(s.prompt[:5]) for s in specs[:3]}) == 3  # the conversations differ
+    with pytest.raises(loadgen.BenchError, match="--turns"):
+        loadgen.make_dataset("multiturn", 1, turns=0)
+
+
+def test_dispatch_sends_a_request_only_after_the_one_it_follows():
+    specs = loadgen.make_dataset("multiturn", 1, conversations=3, turns=3, turn_len=2)
+    log: list[tuple[str, int]] = []
+
+    async def send(i: int) -> int:
+        log.append(("start", i))
+        # Earlier requests take longer, so only waiting keeps the order.
+        await asyncio.sleep(0.002 * (len(specs) - i))
+        log.append(("end", i))
+        return i
+
+    results = asyncio.run(loadgen.dispatch(specs, [0.0] * len(specs), time.perf_counter(), send))
+    assert results == list(range(len(specs)))
+    for i, s in enumerate(specs):
+        if s.after is not None:
+            assert log.index(("end", s.after)) < log.index(("start", i))
+    assert {i for _, i in log[:3]} == {0, 1, 2}  # the first turns go together
+    bad = [loadgen.RequestSpec([1], 1, after=1), loadgen.RequestSpec([1], 1)]
+    with pytest.raises(loadgen.BenchError, match="earlier"):
+        asyncio.run(loadgen.dispatch(bad, [0.0, 0.0], time.perf_counter(), send))

@@ -44,7 +44,7 @@ def test_freed_blocks_are_reused_first():
 def test_integrity_check_catches_corruption():
     pool = BlockPool(num_blocks=4, block_size=2)
     pool.allocate("a", 4)
-    pool._free.append(pool.block_table("a")[0])  # a held block also on the free list
+    pool._free[pool.block_table("a")[0]] = None  # a held block also on the free list
     with pytest.raises(BlockPoolError):
         pool.check_integrity()
 

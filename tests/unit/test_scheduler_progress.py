@@ -5,7 +5,12 @@ random sequences of what the three roles do to them: requests added (some
 holding their blocks on finish, as a prefill worker's do), reservations for
 remote KV, KV arrivals (whole, or failed after the first token), aborts,
 releases of held KV, and steps with random samples, on pools of 4 to 64
-blocks. After every operation the pool's bookkeeping must be intact; every
+blocks, with prefix caching on or off (prompts drawn from a few shared
+beginnings, so blocks are shared, revived and evicted). A shadow of the KV
+pool records which tokens each slot was computed for: every computed
+position of a scheduled request must hold its own prefix's KV (sharing and
+eviction never hand a request wrong KV), and a step only ever writes into
+blocks no one else holds. After every operation the pool's bookkeeping must be intact; every
 step must schedule something whenever a request could run, unless blocks are
 pinned by an event from outside (KV still arriving, held KV not yet
 acknowledged); and at the end, once those events have happened, everything
@@ -40,18 +45,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 8),
         budget=st.integers(1, 64),
         watermark=st.integers(0, 4),
+        caching=st.booleans(),
     )
-    def setup(self, num_blocks, block_size, max_num_seqs, budget, watermark):
+    def setup(self, num_blocks, block_size, max_num_seqs, budget, watermark, caching):
         self.max_model_len = 4 * num_blocks * block_size
         config = SchedulerConfig(max_num_seqs, budget, self.max_model_len, watermark)
-        self.s = Scheduler(config, BlockPool(num_blocks, block_size))
+        self.s = Scheduler(config, BlockPool(num_blocks, block_size, enable_caching=caching))
+        # block -> slot -> the tokens (a prefix) whose KV the slot holds
+        self.kv: dict[int, dict[int, tuple[int, ...]]] = {}
         self.next_id = 0
         self.empty_steps = 0
         self.steps = 0
 
     # -- what the roles do -------------------------------------------------------
 
-    def _request(self, prompt_len: int, max_tokens: int) -> Request | None:
+    def _request(self, prompt_len: int, max_tokens: int, family: int = 0) -> Request | None:
         """A request the engine would admit: one that fits the whole pool."""
         pool = self.s.pool
         longest = min(prompt_len + max_tokens, self.max_model_len)
@@ -59,11 +67,18 @@ class SchedulerMachine(RuleBasedStateMachine):
             return None
         self.next_id += 1
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        return Request(f"r{self.next_id}", [5] * prompt_len, params)
+        # A few beginnings shared by many prompts, then each family's own tokens.
+        prompt = [5] * min(prompt_len, 8 * family) + [10 + family] * prompt_len
+        return Request(f"r{self.next_id}", prompt[:prompt_len], params)
 
-    @rule(prompt_len=st.integers(1, 80), max_tokens=st.integers(1, 40), hold=st.booleans())
-    def add(self, prompt_len, max_tokens, hold):
-        req = self._request(prompt_len, max_tokens)
+    @rule(
+        prompt_len=st.integers(1, 80),
+        max_tokens=st.integers(1, 40),
+        hold=st.booleans(),
+        family=st.integers(0, 3),
+    )
+    def add(self, prompt_len, max_tokens, hold, family):
+        req = self._request(prompt_len, max_tokens, family)
         if req is not None:
             req.hold_blocks_on_finish = hold  # a prefill worker's request
             self.s.add_request(req)
@@ -81,6 +96,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), token=TOKENS, whole=st.booleans())
     def kv_arrives(self, data, token, whole):
         rid = data.draw(st.sampled_from(sorted(self.s.awaiting_kv)))
+        if whole:  # the receiver wrote the prompt's KV into the reservation
+            req = self.s.awaiting_kv[rid]
+            self._write(req, 0, req.num_prompt_tokens)
         self.s.remote_kv_arrived(rid, token, None, [EOS], kv_valid=whole)
 
     @precondition(lambda self: self.s.requests or self.s.held)
@@ -118,8 +136,31 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(x.block_table) * self.s.pool.block_size >= (
                 x.request.num_computed_tokens + x.num_new_tokens
             )
+            self._check_computed(x.request)
+            self._write(x.request, x.request.num_computed_tokens, x.num_new_tokens)
         samples = [(token, None) if x.completes_known_tokens else None for x in out.scheduled]
         self.s.update(out, samples, [EOS])
+
+    # -- the shadow KV ------------------------------------------------------------
+
+    def _slot(self, req: Request, pos: int) -> tuple[int, int]:
+        bs = self.s.pool.block_size
+        return self.s.pool.block_table(req.request_id)[pos // bs], pos % bs
+
+    def _write(self, req: Request, start: int, n: int) -> None:
+        tokens = req.prompt_token_ids + req.output_token_ids
+        for pos in range(start, start + n):
+            block, slot = self._slot(req, pos)
+            assert self.s.pool._ref_counts[block] == 1, f"a step writes shared block {block}"
+            self.kv.setdefault(block, {})[slot] = tuple(tokens[: pos + 1])
+
+    def _check_computed(self, req: Request) -> None:
+        tokens = req.prompt_token_ids + req.output_token_ids
+        for pos in range(req.num_computed_tokens):
+            block, slot = self._slot(req, pos)
+            assert self.kv.get(block, {}).get(slot) == tuple(tokens[: pos + 1]), (
+                f"{req.request_id}: position {pos} in block {block} holds another prefix's KV"
+            )
 
     # -- after every operation ---------------------------------------------------
 
