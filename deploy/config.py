@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.config import DEFAULT_KV_CACHE_MIB, EngineConfig, engine_default
+from router.selection import DEFAULT_LOCAL_PREFILL_THRESHOLD
 
 # What each pool may scale on. Never utilisation: a decode pool at 100% GPU
 # can still have room in its batch, and a prefill pool at 30% can have a
@@ -103,6 +104,11 @@ class Router(_Strict):
     )
     migration_limit: int = Field(
         3, ge=0, description="times a stream may move off a failed decode worker (0: never)"
+    )
+    local_prefill_threshold: int = Field(
+        DEFAULT_LOCAL_PREFILL_THRESHOLD,
+        ge=0,
+        description="prefill on the decode worker when it lacks at most this many prompt tokens",
     )
 
     @model_validator(mode="after")

@@ -40,6 +40,7 @@ from pathlib import Path
 from deploy.worker_process import WorkerProcess, describe_exit, log_tail, spawn
 from kvtransfer.peers import write_address_file
 from kvtransfer.security import launch_secret
+from router.selection import DEFAULT_LOCAL_PREFILL_THRESHOLD
 
 log = logging.getLogger("splitserve")
 
@@ -71,6 +72,8 @@ class ClusterSpec:
     api_key: str | None = None  # the router then requires it on /v1/
     policy: str = "cache_aware"  # how the router picks workers (router/selection.py)
     migration_limit: int = 3  # times a request may move off a failed decode worker
+    # Prompt tokens a decode worker may prefill itself (router/selection.py).
+    local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD
     request_timeout_s: float | None = None  # the router's end-to-end limit per request
     ready_timeout_s: float = 300.0
 
@@ -293,6 +296,7 @@ class LocalCluster:
             api_key=spec.api_key,
             policy=spec.policy,  # type: ignore[arg-type]  # checked by the config or the CLI
             migration_limit=spec.migration_limit,
+            local_prefill_threshold=spec.local_prefill_threshold,
             request_timeout_s=spec.request_timeout_s,
             restarts=self.restart_counts,
             security=ClusterSecurity(secret=self.secret),

@@ -46,6 +46,7 @@ class RouterIngress:
                 policy=self.config.router.policy,
                 request_timeout_s=self.config.router.request_timeout_s,
                 migration_limit=self.config.router.migration_limit,
+                local_prefill_threshold=self.config.router.local_prefill_threshold,
                 max_model_len=_max_model_len(self.config),
                 discover=self._discover,
                 security=ClusterSecurity.from_env(),

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from kvtransfer.security import ClusterSecurity, add_security_args
 from router.discovery import dns_discovery
-from router.selection import POLICIES
+from router.selection import DEFAULT_LOCAL_PREFILL_THRESHOLD, POLICIES
 from router.server import RouterConfig, serve
 
 T = TypeVar("T", int, float)
@@ -119,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
         "blocks and least load; round_robin: in turn (default: %(default)s)",
     )
     p.add_argument(
+        "--local-prefill-threshold",
+        type=_non_negative,
+        default=DEFAULT_LOCAL_PREFILL_THRESHOLD,
+        metavar="TOKENS",
+        help="prefill a prompt on its decode worker, with no KV transfer, when the part of it "
+        "that worker likely lacks is at most this many tokens; 0: always use the prefill "
+        "pool (default: %(default)s)",
+    )
+    p.add_argument(
         "--migration-limit",
         type=_non_negative,
         default=3,
@@ -174,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         poll_interval_s=args.poll_interval,
         policy=args.policy,
         migration_limit=args.migration_limit,
+        local_prefill_threshold=args.local_prefill_threshold,
         request_timeout_s=args.request_timeout,
         api_key=args.api_key or None,
         security=security,

@@ -154,6 +154,7 @@ class WorkerPool:
         policy: Policy = "cache_aware",
         security: ClusterSecurity | None = None,
         on_decision: Callable[[str], None] | None = None,
+        local_prefill_threshold: int = 0,
     ) -> None:
         self.vocab_size = vocab_size  # the router's model: workers must match it
         self.decode = [Worker(a, "decode") for a in dict.fromkeys(decode)]
@@ -165,6 +166,9 @@ class WorkerPool:
         # Told why each prompt went where it went: "prefix_cache" (a worker
         # likely held part of it) or "load" (none did, or the policy ignores it).
         self.on_decision = on_decision
+        # A prompt whose part the decode worker likely lacks is at most this
+        # many tokens is prefilled there, with no KV transfer (0: never).
+        self.local_prefill_threshold = local_prefill_threshold
         self.security = security or ClusterSecurity()  # how to reach the workers
         self.last_discovery_error: str | None = None
         self._retired: list[Worker] = []  # removed, with calls still open
@@ -339,9 +343,15 @@ class WorkerPool:
 
     def rank_prefill(self, decode: Worker, prompt: PromptBlocks | None = None) -> list[Worker]:
         """Healthy prefill workers for `decode` to try, best first; none for a
-        colocated worker (see selection.rank_prefill)."""
+        colocated worker, or for a prompt whose part `decode` likely lacks is
+        short enough to prefill there (disaggregation pays only for the rest;
+        see selection.rank_prefill)."""
         if decode.role == "colocated":
             return []
+        if prompt is not None and self.local_prefill_threshold > 0:
+            lacks = len(prompt.prompt_ids) - selection.cached_tokens(decode, prompt)
+            if lacks <= self.local_prefill_threshold:
+                return []
         return selection.rank_prefill(self.prefill, next(self._rr), self.policy, prompt)
 
     def dispatched(
@@ -358,20 +368,27 @@ class WorkerPool:
         decode.in_flight += 1
         blocks = -(-prompt_len // decode.block_size)
         computes = prefill[0] if prefill else decode
-        learns = prompt is not None and (bool(prefill) or decode.role == "colocated")
-        cached = selection.cached_tokens(computes, prompt) if learns else 0
+        cached = selection.cached_tokens(computes, prompt)
         work = prompt_len - cached
         decode.dispatched.append((time.monotonic(), blocks, prompt_len if prefill else work))
         if prefill:
             prefill[0].pending_prompt_tokens += work
-        if not learns or prompt is None:
+        if prompt is None:
             return work
         if self.on_decision is not None:
-            hit = self.policy == "cache_aware" and cached > 0
-            self.on_decision("prefix_cache" if hit else "load")
-        if computes.status is not None:
-            computes.prefixes.capacity = max(1, computes.status.kv_blocks_total)
-        computes.prefixes.add(prompt.hashes(computes.block_size))
+            if not prefill and decode.role != "colocated" and self.healthy_prefill:
+                reason = "local_prefill"
+            elif self.policy == "cache_aware" and cached > 0:
+                reason = "prefix_cache"
+            else:
+                reason = "load"
+            self.on_decision(reason)
+        # Whoever computes the prompt caches its blocks, and so does the
+        # decode worker its KV is sent to.
+        for w in {computes, decode}:
+            if w.status is not None:
+                w.prefixes.capacity = max(1, w.status.kv_blocks_total)
+            w.prefixes.add(prompt.hashes(w.block_size))
         return work
 
     def first_token(self, prefill: Sequence[Worker], work: int) -> None:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 Policy = Literal["cache_aware", "least_loaded", "round_robin"]
 POLICIES: tuple[Policy, ...] = ("cache_aware", "least_loaded", "round_robin")
+# A prompt whose part its decode worker likely lacks is at most this many
+# tokens is prefilled on the decode worker, with no KV transfer (docs/performance.md
+# has the measurement behind the figure).
+DEFAULT_LOCAL_PREFILL_THRESHOLD = 0
 
 
 def cached_tokens(w: Worker, prompt: PromptBlocks | None) -> int:
@@ -56,7 +60,8 @@ def pick_decode(
 
     cache_aware: a colocated worker likely to hold part of the prompt is
     weighed by queued prompt tokens plus the prompt's uncached tokens (a
-    decode worker's cache is not used by remote prefill: least_loaded).
+    decode worker's cache serves only prompts it prefills itself, see
+    WorkerPool.rank_prefill: least_loaded).
     """
     candidates = [
         (i, w)

@@ -29,7 +29,7 @@ from router.endpoints import Generation
 from router.errors import APIError, install_error_handlers
 from router.metrics import RouterMetrics
 from router.pool import Discover, WorkerPool
-from router.selection import Policy
+from router.selection import DEFAULT_LOCAL_PREFILL_THRESHOLD, Policy
 from router.served_model import ServedModel
 
 
@@ -77,6 +77,9 @@ class RouterConfig:
     discover: Discover | None = None
     policy: Policy = "cache_aware"
     migration_limit: int = 3  # times a request may move after its decode worker failed
+    # Prompts whose part the decode worker lacks is at most this many tokens
+    # are prefilled there, without a KV transfer (0: always disaggregate).
+    local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD
     restarts: Callable[[], Mapping[str, tuple[str, int]]] | None = None
     request_timeout_s: float | None = None  # end to end; None: no limit
     security: ClusterSecurity = field(default_factory=ClusterSecurity)  # toward the workers
@@ -121,6 +124,7 @@ def build_app(config: RouterConfig, served: ServedModel | None = None) -> FastAP
         policy=config.policy,
         security=config.security,
         on_decision=lambda reason: metrics.routing_decisions.labels(reason).inc(),
+        local_prefill_threshold=config.local_prefill_threshold,
     )
     metrics.track_cost(lambda: pool.workers)
     if config.restarts is not None:

@@ -92,6 +92,15 @@ def add_serve_parser(sub: Any) -> None:
         "router.migration_limit in --config)",
     )
     sv.add_argument(
+        "--local-prefill-threshold",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="prefill a prompt on its decode worker, with no KV transfer, when the part of it "
+        "that worker likely lacks is at most this many tokens (0: always the prefill pool; "
+        "default: router.local_prefill_threshold in --config, else the router's default)",
+    )
+    sv.add_argument(
         "--kv-lease",
         type=float,
         default=30.0,
@@ -214,6 +223,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--migration-limit must be >= 0, got {args.migration_limit}")
     if not args.kv_lease > 0:
         raise ValueError(f"--kv-lease must be > 0 seconds, got {args.kv_lease}")
+    if args.local_prefill_threshold is not None:
+        if args.local_prefill_threshold < 0:
+            raise ValueError(
+                f"--local-prefill-threshold must be >= 0, got {args.local_prefill_threshold}"
+            )
+        spec_kwargs["local_prefill_threshold"] = args.local_prefill_threshold
     spec_kwargs.setdefault("migration_limit", 3)
     if args.migration_limit is not None:
         spec_kwargs["migration_limit"] = args.migration_limit
@@ -279,6 +294,7 @@ def spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
         policy=config.router.policy,
         request_timeout_s=_or(args.request_timeout, config.router.request_timeout_s),
         migration_limit=config.router.migration_limit,
+        local_prefill_threshold=config.router.local_prefill_threshold,
     )
 
 

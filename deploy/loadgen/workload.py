@@ -226,5 +226,6 @@ def check_context(specs: Sequence[RequestSpec], max_model_len: int | None) -> No
         raise BenchError(
             f"{len(over)} of {len(specs)} requests exceed the server's context length "
             f"{max_model_len} (the longest: {len(worst.prompt)} prompt + {worst.max_tokens} "
-            "output tokens); lower --output-len or the dataset's prompt lengths"
+            "output tokens); lower --output-len or the prompts' lengths (--input-len, "
+            "--long-len; prefix: --prefix-len, --suffix-len; multiturn: --turns, --turn-len)"
         )

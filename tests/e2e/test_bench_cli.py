@@ -66,8 +66,9 @@ def test_bench_against_a_live_cluster(tiny_llama, tmp_path):
         assert too_long.returncode == 2 and "Traceback" not in too_long.stderr
         assert too_long.stderr.strip().splitlines()[-1] == (
             "splitserve bench: error: 100 of 100 requests exceed the server's context length "
-            "1024 (the longest: 1000 prompt + 100 output tokens); lower --input-len, "
-            "--output-len or --long-len"
+            "1024 (the longest: 1000 prompt + 100 output tokens); lower --output-len or the "
+            "prompts' lengths (--input-len, --long-len; prefix: --prefix-len, --suffix-len; "
+            "multiturn: --turns, --turn-len)"
         )
     finally:
         assert c.stop() == []

@@ -125,3 +125,28 @@ def test_colocated_workers_keep_their_prefixes_and_fall_back_to_least_loaded():
     record(c0, role="decode", kv_blocks_free=990)
     record(c1, role="decode", kv_blocks_free=900)
     assert pool.pick_decode(74, set(), prompt(4)) is c0
+
+
+def test_a_decode_worker_prefills_itself_what_it_lacks_when_that_is_short():
+    """Conditional disaggregation: a short prompt, or the next turn of a
+    conversation whose history the decode worker received, is prefilled on
+    the decode worker; anything longer goes to the prefill pool."""
+    decisions: list[str] = []
+    pool = WorkerPool(
+        ["d:1"], ["p0:1"], on_decision=decisions.append, local_prefill_threshold=32
+    )
+    d, p0 = pool.decode[0], pool.prefill[0]
+    record(d, role="decode")
+    record(p0, role="prefill")
+    short = PromptBlocks(list(range(30)))
+    assert pool.rank_prefill(d, short) == []
+    turn1 = prompt(0)  # 74 tokens: more than the decode worker may compute
+    _, ranked, _ = send(pool, turn1)
+    assert ranked == [p0]
+    # Turn 2 resends turn 1 (whose KV the decode worker received) plus 20 tokens.
+    turn2 = PromptBlocks([*turn1.prompt_ids, *range(2000, 2020)])
+    _, ranked, work = send(pool, turn2)
+    assert ranked == [] and work == len(turn2.prompt_ids) - 64
+    assert decisions == ["load", "local_prefill"]
+    pool.local_prefill_threshold = 0  # off: always the prefill pool
+    assert pool.rank_prefill(d, short) == [p0]
