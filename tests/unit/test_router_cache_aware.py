@@ -132,9 +132,7 @@ def test_a_decode_worker_prefills_itself_what_it_lacks_when_that_is_short():
     conversation whose history the decode worker received, is prefilled on
     the decode worker; anything longer goes to the prefill pool."""
     decisions: list[str] = []
-    pool = WorkerPool(
-        ["d:1"], ["p0:1"], on_decision=decisions.append, local_prefill_threshold=32
-    )
+    pool = WorkerPool(["d:1"], ["p0:1"], on_decision=decisions.append, local_prefill_threshold=32)
     d, p0 = pool.decode[0], pool.prefill[0]
     record(d, role="decode")
     record(p0, role="prefill")
