@@ -179,6 +179,10 @@ class PoolReport:
     tokens_per_dollar: float | None
     max_num_seqs: int  # the running-batch cap, summed over replicas
     cores_busy: float | None  # CPU seconds per second over the window, all replicas
+    # Over the window: prompt tokens found in the prefix cache / looked up (None: none looked up).
+    prefix_hit_rate: float | None = None
+    # Over the window, router-wide: prompts sent where their prefix was likely cached.
+    routed_to_cache: float = 0.0
 
 
 def pool_reports(before: Snapshot, after: Snapshot) -> list[PoolReport]:
@@ -222,9 +226,32 @@ def pool_reports(before: Snapshot, after: Snapshot) -> list[PoolReport]:
                 tokens_per_dollar=tpd or None,
                 max_num_seqs=sum(w.get("max_num_seqs") or 0 for w in ws),
                 cores_busy=window_cores_busy(before, after, role),
+                prefix_hit_rate=_window_ratio(
+                    before,
+                    after,
+                    role,
+                    "splitserve_prefix_cache_hits_total",
+                    "splitserve_prefix_cache_queries_total",
+                ),
+                routed_to_cache=metric_sum(
+                    after.router, "splitserve_router_routing_decisions_total", reason="prefix_cache"
+                )
+                - metric_sum(
+                    before.router,
+                    "splitserve_router_routing_decisions_total",
+                    reason="prefix_cache",
+                ),
             )
         )
     return reports
+
+
+def _window_ratio(
+    before: Snapshot, after: Snapshot, role: str, part: str, whole: str
+) -> float | None:
+    den = _role_sum(after, role, whole) - _role_sum(before, role, whole)
+    num = _role_sum(after, role, part) - _role_sum(before, role, part)
+    return num / den if den > 0 else None
 
 
 def output_rate(before: Snapshot, after: Snapshot) -> float:

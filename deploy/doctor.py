@@ -135,6 +135,21 @@ def diagnose(
                 "max_num_seqs (the KV cache has room for more)"
             )
     for p in pools:
+        # Prompts share prefixes (workers find some in their own caches), yet
+        # the router sent none where it was cached: it is not steering.
+        if (
+            p.role in ("prefill", "colocated")
+            and p.replicas >= 2
+            and p.prefix_hit_rate
+            and not p.routed_to_cache
+        ):
+            out.append(
+                f"{p.role} pool finds {p.prefix_hit_rate:.0%} of prompt tokens in its prefix "
+                "caches, but the router sent no prompt where its prefix was cached: routing is "
+                "defeating the cache (use the router's cache_aware policy: router.policy in the "
+                "config, --policy for the router)"
+            )
+    for p in pools:
         if p.role == "prefill" and p.queued_prompt_tokens_change > 0 and p.waiting > 0:
             out.append(
                 f"prefill queue growing (+{p.queued_prompt_tokens_change} queued prompt tokens "
@@ -261,15 +276,16 @@ def format_report(r: dict[str, Any]) -> str:
         f"{head}; {r['output_tokens_per_s']:.1f} output tok/s",
         "",
         f"{'pool':<10}{'replicas':>9}{'running':>9}{'waiting':>9}{'queued tok':>12}"
-        f"{'KV used':>9}{'batch':>8}{'KV fits':>9}{'cores':>7}",
+        f"{'KV used':>9}{'batch':>8}{'KV fits':>9}{'cores':>7}{'cache hits':>12}",
     ]
     for p in pools:
         batch = f"{p.mean_batch:.1f}" if p.mean_batch is not None else "-"
         fits = f"~{p.fits_sequences}" if p.fits_sequences is not None else "-"
         cores = f"{p.cores_busy:.2f}" if p.cores_busy is not None else "-"
+        hits = f"{p.prefix_hit_rate:.0%}" if p.prefix_hit_rate is not None else "-"
         lines.append(
             f"{p.role:<10}{p.replicas:>9}{p.running:>9}{p.waiting:>9}{p.queued_prompt_tokens:>12}"
-            f"{p.kv_usage:>9.0%}{batch:>8}{fits:>9}{cores:>7}"
+            f"{p.kv_usage:>9.0%}{batch:>8}{fits:>9}{cores:>7}{hits:>12}"
         )
 
     def ms(key: str) -> str:

@@ -69,3 +69,16 @@ def test_an_slo_miss_names_the_pool_to_grow():
     # Within the SLO, nothing is said about it.
     d = diagnose([decode, prefill], latency, slo={"tpot": 0.1, "ttft": 3.0})
     assert not any("SLO" in x for x in d)
+
+
+def test_routing_that_ignores_the_prefix_cache_is_named():
+    # Two prefill workers find a third of prompt tokens cached, yet the router
+    # sent nothing where it was cached (round robin): say so.
+    spread = _pool("prefill", replicas=2, prefix_hit_rate=0.3, routed_to_cache=0)
+    assert any("defeating the cache" in d for d in diagnose([spread], {}))
+    # Steered by cache_aware, or a single worker, or no sharing at all: nothing to say.
+    steered = _pool("prefill", replicas=2, prefix_hit_rate=0.3, routed_to_cache=12)
+    alone = _pool("prefill", replicas=1, prefix_hit_rate=0.3)
+    unshared = _pool("prefill", replicas=2, prefix_hit_rate=0.0)
+    for p in (steered, alone, unshared):
+        assert not any("defeating the cache" in d for d in diagnose([p], {}))
