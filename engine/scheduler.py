@@ -275,14 +275,17 @@ class Scheduler:
                 ):
                     break  # FCFS: nobody overtakes the head of the queue
                 self.waiting.popleft()
+                # A request whose KV came from elsewhere holds its blocks: no lookup.
+                looked_up = self.pool.enable_caching and not self.pool.block_table(req.request_id)
                 self.pool.allocate(req.request_id, target, prefix)
                 req.num_computed_tokens = computed
                 req.status = RequestStatus.RUNNING
                 if req.scheduled_time is None:
                     req.scheduled_time = time.monotonic()
                     req.num_cached_tokens = len(prefix) * self.pool.block_size
-                    self.stats.prefix_queries += req.num_prompt_tokens
-                    self.stats.prefix_hits += req.num_cached_tokens
+                    if looked_up:
+                        self.stats.prefix_queries += req.num_prompt_tokens
+                        self.stats.prefix_hits += req.num_cached_tokens
                 self.running.append(req)
                 out.scheduled.append(
                     ScheduledRequest(req, n, self.pool.block_table(req.request_id))

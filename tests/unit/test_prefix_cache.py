@@ -191,3 +191,22 @@ def test_caching_off_caches_nothing():
     pool.allocate("a", 4)
     pool.cache_blocks("a", hashes_of([1, 2, 3, 4], 2), 0)
     assert pool.num_cached_blocks == 0 and pool.cached_prefix(hashes_of([1, 2], 2)) == []
+
+
+def test_a_prompt_whose_kv_came_from_elsewhere_is_not_counted_as_looked_up():
+    """A decode worker admits a request whose KV arrived: it looks nothing
+    up, so the hit rate counts only prompts a worker could have found."""
+    from engine.request import Request
+    from engine.scheduler import Scheduler, SchedulerConfig
+
+    s = Scheduler(SchedulerConfig(8, 256, 1024), BlockPool(32, 4, enable_caching=True))
+    remote = Request("remote", list(range(20)), SamplingParams(max_tokens=2))
+    assert s.reserve_for_remote_kv(remote)
+    s.remote_kv_arrived("remote", 7, None, [2])
+    s.schedule()
+    assert (s.stats.prefix_queries, s.stats.prefix_hits) == (0, 0)
+    # Its prompt's blocks are cached all the same: a local prompt finds them.
+    local = Request("local", [*range(20), 9], SamplingParams(max_tokens=2))
+    s.add_request(local)
+    s.schedule()
+    assert (s.stats.prefix_queries, s.stats.prefix_hits) == (21, 20)
