@@ -10,6 +10,9 @@ worker, the built-in model unless --model):
   coloc-nocache      the same, --no-prefix-caching
   2p1d-cache_aware   2 prefill + 1 decode, router policy cache_aware
   2p1d-round_robin   the same, router policy round_robin
+  1p1d-local256      1P+1D, --local-prefill-threshold 256: a prompt whose
+                     part the decode worker lacks is <= 256 tokens (the next
+                     turn of a conversation it holds) is prefilled there
 (`splitserve serve` has no policy flag: the 2P+1D pair is started from a
 scaling config written to a temporary file, router.policy set; the others
 from flags.)
@@ -117,6 +120,10 @@ CONFIGS: dict[str, Config] = {
     "coloc-nocache": Config("2 colocated no-cache", ("--colocated", "2"), None, False),
     "2p1d-cache_aware": Config("2P+1D cache_aware", policy="cache_aware"),
     "2p1d-round_robin": Config("2P+1D round_robin", policy="round_robin"),
+    "1p1d-local256": Config(
+        "1P+1D local <= 256",
+        ("--prefill", "1", "--decode", "1", "--local-prefill-threshold", "256"),
+    ),
 }
 
 

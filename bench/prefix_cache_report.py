@@ -20,6 +20,8 @@ HEADLINES = (
      "2p1d-round_robin", "prefix", "hit_rate", 1.5),
     ("hit rate cache_aware / round_robin, 2P+1D, multiturn", "2p1d-cache_aware",
      "2p1d-round_robin", "multiturn", "hit_rate", 1.5),
+    ("TTFT p50 remote / local prefill of short remainders, 1P+1D, multiturn", "1p1d-cache",
+     "1p1d-local256", "multiturn", "ttft_p50_s", None),
     ("output tok/s cache / no-cache, 1P+1D, random", "1p1d-cache", "1p1d-nocache", "random",
      "output_tok_s", 1.0),
     ("output tok/s cache / no-cache, 2 colocated, random", "coloc-cache", "coloc-nocache",
