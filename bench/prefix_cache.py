@@ -36,40 +36,25 @@ table shows the pool that computes prompts: prefill, or colocated), the KV
 bytes moved between workers (splitserve_kv_transfer_bytes_total{direction=
 "received"} deltas: decode workers), and failed requests.
 
-Load: every request is offered at once (--request-rate inf) with at most
---max-concurrency (8) in flight, a closed loop. Every configuration then
-carries the same load whatever its speed, so TTFT is the time a request
-waits behind 7 others plus its own prefill, and output tok/s is each
-configuration's saturated throughput (which is what the random workload's
-no-regression check needs). An open-loop rate would not do on 2 CPU cores:
-one the no-cache clusters cannot sustain makes their TTFT grow with the
-length of the run (the ratio would measure --num-prompts, not the cache),
-and one they can sustain leaves the cached clusters idle. A Poisson rate is
-still there (--request-rate R, with or without the cap).
+Load: every request offered at once with at most --max-concurrency (8) in
+flight, a closed loop: every configuration carries the same load whatever
+its speed (an open-loop rate the no-cache clusters cannot sustain would make
+the ratio measure the run's length). --request-rate R gives Poisson arrivals.
+Clusters run one at a time, fresh for every (round, configuration), warmed
+with one short request per worker; each workload has tokens of its own.
+Figures are medians over --rounds; the headline ratios (TTFT p50 no-cache /
+cache; hit rate cache_aware / round_robin; tok/s cache / no-cache on
+random) are printed against the issue's goals with the CPU's name.
 
-Clusters run one at a time (never two loaded on 2 cores at once), each
-started fresh for every (round, configuration) so no cache outlives its
-round; each is warmed with one short request per worker (distinct prompts,
-sharing nothing with the workloads), then runs each workload in turn, each
-workload with tokens of its own (distinct seeds), so no workload hits on
-another's blocks. --rounds rounds, configurations interleaved within each;
-every figure is the median over rounds. Then the headline ratios, against
-the issue's goals, with the CPU they were measured on:
-  TTFT p50 no-cache / cache on prefix, 1P+1D and 2 colocated (goal >= 5x);
-  hit rate cache_aware / round_robin with 2 prefill workers (goal >= 1.5x);
-  output tok/s cache / no-cache on random (goal: no worse, ~1.0x or more).
-
-    python bench/prefix_cache.py                 # 6 clusters x 3 workloads x 2 rounds
-    python bench/prefix_cache.py --configs 1p1d-cache,1p1d-nocache --workloads prefix \\
+    python bench/prefix_cache.py                 # 7 clusters x 3 workloads x 2 rounds
+    python bench/prefix_cache.py --num-prompts 32 --rounds 1     # ~15 minutes
+    python bench/prefix_cache.py --configs 2p1d-cache_aware,2p1d-round_robin \
+        --workloads prefix --prefix-count 16 --kv-cache-mib 192 --num-prompts 64
+    python bench/prefix_cache.py --configs 1p1d-cache,1p1d-nocache --workloads prefix \
         --num-prompts 8 --prefix-len 128 --rounds 1      # a quick check, ~1 minute
-    python bench/prefix_cache.py --json prefix_cache.json
 
-Expected duration on 2 cores (AMD EPYC, float32, one torch thread per
-worker): a cluster takes ~25 s to start; with the defaults a 1P+1D cluster
-prefills 64 x 1088 tokens in ~1-2 minutes (the random workload, and the
-prefix workload without the cache), 2 colocated or 2 prefill workers in
-about half that. About 10-15 minutes a round, so ~25-30 minutes for the
-default 2 rounds; the quick check above takes ~1 minute.
+On 2 cores (AMD EPYC, float32) a cluster starts in ~12-16 s; the defaults
+take ~25-30 minutes.
 """
 
 from __future__ import annotations
@@ -92,17 +77,22 @@ import httpx
 import yaml
 
 from bench.cpu_info import CpuInfo
-from bench.prefix_cache_report import fmt, format_headline, headlines, medians, table
+from bench.prefix_cache_report import (
+    cache_figures,
+    fmt,
+    format_headline,
+    headlines,
+    medians,
+    prompt_role,
+    table,
+)
 from bench.serving import free_port
 from deploy import loadgen
-from deploy.cluster_metrics import Snapshot, snapshot
+from deploy.cluster_metrics import snapshot
 from engine.config import DEFAULT_KV_CACHE_MIB, DTYPE_NAMES
 from modelmaker import ensure_default_model
 
 WORKLOADS = ("prefix", "multiturn", "random")
-QUERIES = "splitserve_prefix_cache_queries_total"
-HITS = "splitserve_prefix_cache_hits_total"
-KV_BYTES = "splitserve_kv_transfer_bytes_total"
 
 
 @dataclass(frozen=True)
@@ -214,48 +204,6 @@ def make_workload(name: str, args: argparse.Namespace) -> list[loadgen.RequestSp
         input_len=args.prefix_len + args.suffix_len,
         output_len=args.output_len,
     )
-
-
-def _per_worker(snap: Snapshot, name: str, **labels: str) -> dict[str, float]:
-    """Counter `name` (samples matching `labels`) per worker address."""
-    return {
-        address: sum(
-            v
-            for lab, v in samples.get(name, [])
-            if all(lab.get(k) == want for k, want in labels.items())
-        )
-        for address, samples in snap.worker_metrics.items()
-    }
-
-
-def _delta(before: Snapshot, after: Snapshot, name: str, **labels: str) -> dict[str, float]:
-    b = _per_worker(before, name, **labels)
-    return {a: v - b.get(a, 0.0) for a, v in _per_worker(after, name, **labels).items()}
-
-
-def cache_figures(before: Snapshot, after: Snapshot) -> dict[str, Any]:
-    """Prefix cache lookups and hits (prompt tokens) per role and per worker,
-    and the KV bytes decode workers received, over the window."""
-    role_of = {w["address"]: str(w["role"]) for w in after.workers}
-    queries, hits = _delta(before, after, QUERIES), _delta(before, after, HITS)
-    workers = {
-        a: {"role": role_of.get(a), "queries": queries[a], "hits": hits.get(a, 0.0)}
-        for a in sorted(queries)
-    }
-    roles: dict[str, dict[str, Any]] = {}
-    for w in workers.values():
-        r = roles.setdefault(str(w["role"]), {"queries": 0.0, "hits": 0.0})
-        r["queries"] += w["queries"]
-        r["hits"] += w["hits"]
-    for r in roles.values():
-        r["hit_rate"] = r["hits"] / r["queries"] if r["queries"] else None
-    kv = sum(_delta(before, after, KV_BYTES, direction="received").values())
-    return {"roles": roles, "workers": workers, "kv_bytes": kv}
-
-
-def prompt_role(roles: dict[str, Any]) -> str:
-    """The pool that computes prompts."""
-    return "prefill" if "prefill" in roles else "colocated"
 
 
 def run_one(url: str, specs: list[loadgen.RequestSpec], args: argparse.Namespace) -> dict:

@@ -1,10 +1,17 @@
-"""bench/prefix_cache.py's arithmetic and tables: medians over rounds, the
-markdown table, and the headline ratios against the issue's goals."""
+"""bench/prefix_cache.py's arithmetic and tables: hit rates and KV bytes from
+metric deltas, medians over rounds, the markdown table, and the headline
+ratios against the issue's goals."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
+
+from deploy.cluster_metrics import Snapshot
+
+QUERIES = "splitserve_prefix_cache_queries_total"
+HITS = "splitserve_prefix_cache_hits_total"
+KV_BYTES = "splitserve_kv_transfer_bytes_total"
 
 # The headline ratios: (what, numerator (config, workload), denominator, figure, goal).
 HEADLINES = (
@@ -119,3 +126,45 @@ def format_headline(h: dict[str, Any]) -> str:
         "-" if v is None else f"{v * scale:.1f}{unit}" for v in (h["numerator"], h["denominator"])
     )
     return f"- {h['what']}: {ratio} ({parts}){goal}  [CPU: {h['cpu']}]"
+
+
+def _per_worker(snap: Snapshot, name: str, **labels: str) -> dict[str, float]:
+    """Counter `name` (samples matching `labels`) per worker address."""
+    return {
+        address: sum(
+            v
+            for lab, v in samples.get(name, [])
+            if all(lab.get(k) == want for k, want in labels.items())
+        )
+        for address, samples in snap.worker_metrics.items()
+    }
+
+
+def _delta(before: Snapshot, after: Snapshot, name: str, **labels: str) -> dict[str, float]:
+    b = _per_worker(before, name, **labels)
+    return {a: v - b.get(a, 0.0) for a, v in _per_worker(after, name, **labels).items()}
+
+
+def cache_figures(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+    """Prefix cache lookups and hits (prompt tokens) per role and per worker,
+    and the KV bytes decode workers received, over the window."""
+    role_of = {w["address"]: str(w["role"]) for w in after.workers}
+    queries, hits = _delta(before, after, QUERIES), _delta(before, after, HITS)
+    workers = {
+        a: {"role": role_of.get(a), "queries": queries[a], "hits": hits.get(a, 0.0)}
+        for a in sorted(queries)
+    }
+    roles: dict[str, dict[str, Any]] = {}
+    for w in workers.values():
+        r = roles.setdefault(str(w["role"]), {"queries": 0.0, "hits": 0.0})
+        r["queries"] += w["queries"]
+        r["hits"] += w["hits"]
+    for r in roles.values():
+        r["hit_rate"] = r["hits"] / r["queries"] if r["queries"] else None
+    kv = sum(_delta(before, after, KV_BYTES, direction="received").values())
+    return {"roles": roles, "workers": workers, "kv_bytes": kv}
+
+
+def prompt_role(roles: dict[str, Any]) -> str:
+    """The pool that computes prompts."""
+    return "prefill" if "prefill" in roles else "colocated"
