@@ -149,6 +149,7 @@ class WorkerPool:
         *,
         poll_interval_s: float = 0.5,
         poll_timeout_s: float = 1.0,
+        slow_grace_s: float = 3.0,
         vocab_size: int | None = None,
         discover: Discover | None = None,
         policy: Policy = "cache_aware",
@@ -161,6 +162,11 @@ class WorkerPool:
         self.prefill = [Worker(a, "prefill") for a in dict.fromkeys(prefill)]
         self.poll_interval_s = poll_interval_s
         self.poll_timeout_s = poll_timeout_s
+        # A healthy worker whose Status is late (a burst saturating its event
+        # loop) stays healthy this long after its last answer: busy is not
+        # dead, and calling it slow beats answering 503. A frozen worker is
+        # marked after this; a refused connection at once.
+        self.slow_grace_s = slow_grace_s
         self.discover = discover
         self.policy = policy
         # Told why each prompt went where it went: "prefix_cache" (a worker
@@ -274,6 +280,10 @@ class WorkerPool:
                 pb.StatusRequest(), timeout=self.poll_timeout_s, wait_for_ready=False
             )
         except grpc.aio.AioRpcError as e:
+            late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            recent = w.last_seen is not None and time.monotonic() - w.last_seen < self.slow_grace_s
+            if late and w.healthy and recent:
+                return
             self.mark_unhealthy(w, f"Status: {e.code().name}: {e.details()}")
             return
         if sent < w.status_time:  # a newer poll already answered
