@@ -61,14 +61,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +83,7 @@ from bench.prefix_cache_report import (
     prompt_role,
     table,
 )
-from bench.serving import free_port
+from bench.serving import cluster
 from deploy import loadgen
 from deploy.cluster_metrics import snapshot
 from engine.config import DEFAULT_KV_CACHE_MIB, DTYPE_NAMES
@@ -139,38 +136,6 @@ def serve_args(cfg: Config, workdir: Path, args: argparse.Namespace) -> list[str
     path = workdir / "cluster.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return ["--config", str(path), *common]
-
-
-@contextlib.contextmanager
-def cluster(model: str, args: list[str], log: Path) -> Iterator[str]:
-    """`splitserve serve` on a free 127.0.0.1 port, every worker healthy; yields
-    its URL. Stopped by its PID (it stops its own workers by theirs)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", model]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), *args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve exited ({proc.returncode}); see {log}")
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                workers = httpx.get(f"{url}/cluster", timeout=5).json()["workers"]
-                if workers and all(w["healthy"] for w in workers):
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster not ready in 300 s; see {log}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def make_workload(name: str, args: argparse.Namespace) -> list[loadgen.RequestSpec]:
@@ -281,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 config_text = (Path(tmp) / "cluster.yaml").read_text() if cfg.policy else None
                 configs_used[cid] = {"name": cfg.name, "serve_args": sargs, "config": config_text}
                 started = time.monotonic()
-                with cluster(model, sargs, log) as url:
+                with cluster(model, sargs, log, kv_cache_mib=None) as url:
                     print(f"== round {rnd + 1}/{args.rounds} {cfg.name}: {url} "
                           f"(ready in {time.monotonic() - started:.0f} s, log {log})",
                           flush=True)  # fmt: skip

@@ -84,18 +84,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cluster(model: str, serve_args: list[str], log: Path, kv_cache_mib: int):
+def cluster(model: str, serve_args: list[str], log: Path, kv_cache_mib: int | None):
     """`splitserve serve` on a free port, ready; yields its URL."""
     with cluster_process(model, serve_args, log, kv_cache_mib) as (url, _):
         yield url
 
 
 @contextlib.contextmanager
-def cluster_process(model: str, serve_args: list[str], log: Path, kv_cache_mib: int):
-    """`splitserve serve` on a free port, ready; yields (URL, its Popen)."""
+def cluster_process(model: str, serve_args: list[str], log: Path, kv_cache_mib: int | None):
+    """`splitserve serve` on a free 127.0.0.1 port, every worker healthy;
+    yields (URL, its Popen). `kv_cache_mib` None: serve_args say it (or a
+    config does). Stopped by its PID (it stops its own workers by theirs)."""
     port = free_port()
     cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", model, "--port", str(port)]
-    cmd += ["--kv-cache-mib", str(kv_cache_mib), *serve_args]
+    if kv_cache_mib is not None:
+        cmd += ["--kv-cache-mib", str(kv_cache_mib)]
+    cmd += serve_args
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -103,18 +107,22 @@ def cluster_process(model: str, serve_args: list[str], log: Path, kv_cache_mib: 
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"serve exited; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
+                raise RuntimeError(f"serve exited ({proc.returncode}); see {log}")
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                 workers = httpx.get(f"{url}/cluster", timeout=5).json()["workers"]
                 if workers and all(w["healthy"] for w in workers):
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster not ready; see {log}")
+                raise RuntimeError(f"cluster not ready in 300 s; see {log}")
             time.sleep(0.5)
         yield url, proc
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def _cpu_s(stat_path: str) -> float:
