@@ -31,6 +31,7 @@ import grpc
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.options import DecodeOptions
 from engine.async_engine import AsyncEngine
+from engine.kv_access import KvReservation
 from engine.outputs import RequestOutput, TokenDelta
 from engine.request import Request
 from kvtransfer.base import KvReceiver
@@ -181,10 +182,10 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             )
             result = PrefillResult()
             if addresses:
-                table = await self._reserve(req, context)
+                reservation = await self._reserve(req, context)
                 events: asyncio.Queue[PrefillEvent] = asyncio.Queue()
                 prefill_task = asyncio.create_task(
-                    self._fill(req, table, addresses, events, result)
+                    self._fill(req, reservation, addresses, events, result)
                 )
                 queue = None
                 while queue is None:
@@ -222,7 +223,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
     async def _fill(
         self,
         req: Request,
-        table: list[int],
+        reservation: KvReservation,
         addresses: list[str],
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
@@ -234,7 +235,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 request_id=req.request_id,
                 prompt_token_ids=req.prompt_token_ids,
                 sampling_params=params_to_pb(req.sampling_params),
-                dest_block_ids=table,
+                dest_block_ids=reservation.block_ids,
+                num_cached_blocks=reservation.num_cached_blocks,
                 block_size=self.aengine.kv_layout.block_size,
             )
             await self.prefill.fill(
@@ -253,20 +255,20 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         # Ignored when the transport already ended with kv_ready or failed.
         events.put_nowait(PrefillEvent("failed", error="the KV transfer ended without a result"))
 
-    async def _reserve(self, req: Request, context: grpc.aio.ServicerContext) -> list[int]:
+    async def _reserve(self, req: Request, context: grpc.aio.ServicerContext) -> KvReservation:
         """The prompt's blocks, waiting for room while the cache is full (up to
         kv_reservation_wait_s), or the call ends RESOURCE_EXHAUSTED."""
         self._reserving += 1
         self._reserving_tokens += req.num_prompt_tokens
         try:
-            table = await self.aengine.reserve_remote(req, self.options.kv_reservation_wait_s)
+            reservation = await self.aengine.reserve_remote(req, self.options.kv_reservation_wait_s)
         except ValueError as e:  # e.g. a request id already in use
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
         finally:
             self._reserving -= 1
             self._reserving_tokens -= req.num_prompt_tokens
-        if table is None:
+        if reservation is None:
             self.metrics.rejected_full.inc()
             snap = self.aengine.snapshot
             await context.abort(
@@ -274,8 +276,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 f"no room in the KV cache for a {req.num_prompt_tokens}-token prompt "
                 f"({snap.kv_blocks_free} of {snap.kv_blocks_total} blocks free)",
             )
-        assert table is not None
-        return list(table)
+        assert reservation is not None
+        return reservation
 
     async def _prefill_failed(
         self,
@@ -399,6 +401,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             t.prefill_s = first.timings.prefill_s
             t.prefill_address = first.prefill_address
             t.num_cached_tokens = first.timings.num_cached_tokens
+            t.decode_cached_tokens = out.num_cached_tokens
             t.kv_transfer_s = result.kv_seconds
             t.kv_transfer_bytes = result.kv_bytes
         else:

@@ -39,7 +39,7 @@ import torch
 
 from engine.commands import EngineDeadError, Mailbox
 from engine.config import EngineConfig, ModelConfig
-from engine.kv_access import DirectKv, KvLayout
+from engine.kv_access import DirectKv, KvLayout, KvReservation
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineSnapshot, StepInfo, TokenDelta
 from engine.request import Request
@@ -184,13 +184,15 @@ class AsyncEngine:
         those blocks. ValueError for any other block."""
         self._direct_kv.write(layer, block_ids, key, value)
 
-    def read_kv(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_kv(
+        self, request_id: str, layer: int, first_block: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of one layer's K and V ([n, *kv_layout.block_shape] each, in
         block-table order) of the blocks a finished request holds (made with
-        hold_blocks_on_finish), from its last delta until release or abort, on
-        the calling thread: no step touches those blocks. KeyError when it
-        holds none."""
-        return self._direct_kv.read(request_id, layer)
+        hold_blocks_on_finish) from its `first_block`-th on, from its last
+        delta until release or abort, on the calling thread: no step touches
+        those blocks. KeyError when it holds none."""
+        return self._direct_kv.read(request_id, layer, first_block)
 
     # -- commands for the engine thread ------------------------------------------
 
@@ -237,24 +239,24 @@ class AsyncEngine:
         self._mailbox.submit(command, self._fail_queue(rid, q))
         return q
 
-    async def reserve_remote(self, request: Request, wait_s: float = 0.0) -> Sequence[int] | None:
-        """Reserve blocks for a prompt whose KV another engine computes; the
-        block table to fill (with write_kv), or None when the pool stayed full
-        for `wait_s` seconds (retried whenever blocks are freed)."""
+    async def reserve_remote(self, request: Request, wait_s: float = 0.0) -> KvReservation | None:
+        """Reserve blocks for a prompt whose KV another engine computes (its
+        `to_fill` blocks are then written with write_kv), or None when the
+        pool stayed full for `wait_s` seconds (retried whenever blocks are
+        freed)."""
 
-        def reserve(engine: LLMEngine) -> Sequence[int] | None:
-            table = engine.reserve_remote(request)
-            if table is None:
-                return None
-            self._state.reserved[request.request_id] = request
-            return list(table)
+        def reserve(engine: LLMEngine) -> KvReservation | None:
+            reservation = engine.reserve_remote(request)
+            if reservation is not None:
+                self._state.reserved[request.request_id] = request
+            return reservation
 
         deadline = self.loop.time() + wait_s
         while True:
-            table = await self._call(reserve)
-            if table is not None:
-                self._direct_kv.reserved(request.request_id, table)
-                return table
+            reservation = await self._call(reserve)
+            if reservation is not None:
+                self._direct_kv.reserved(request.request_id, reservation.to_fill)
+                return reservation
             remaining = deadline - self.loop.time()
             if remaining <= 0:
                 return None

@@ -44,11 +44,28 @@ class KvLayout:
         return -(-num_tokens // self.block_size)
 
 
+@dataclass(frozen=True, slots=True)
+class KvReservation:
+    """Blocks a decode engine set aside for a prompt whose KV is computed
+    elsewhere: `block_ids` cover the prompt, in block-table order; the first
+    `num_cached_blocks` already hold its prefix (from this engine's prefix
+    cache, shared with other requests, never written), so only `to_fill`
+    is to be sent and written."""
+
+    block_ids: tuple[int, ...]
+    num_cached_blocks: int = 0
+
+    @property
+    def to_fill(self) -> tuple[int, ...]:
+        return self.block_ids[self.num_cached_blocks :]
+
+
 class DirectKv:
     """The blocks the event loop may copy KV into or out of while the engine
     thread steps, and nothing else:
 
-    - written: the prompt blocks of a reservation awaiting remote KV, from
+    - written: the blocks a reservation awaiting remote KV is to fill (its
+      prompt blocks short of those its prefix cache supplied), from
       reserve_remote's answer until the reservation is filled or aborted
       (`reserved` / `forget_reservation`, both on the loop);
     - read: the blocks a finished request holds for its transfer, from its
@@ -90,8 +107,10 @@ class DirectKv:
             )
         self._write_blocks(layer, block_ids, key, value)
 
-    def read(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, request_id: str, layer: int, first_block: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         table = self._held.get(request_id)
         if table is None:
             raise KeyError(f"request {request_id!r} holds no KV blocks (unknown or released)")
-        return self._read_blocks(layer, table)
+        return self._read_blocks(layer, table[first_block:])

@@ -12,6 +12,7 @@ from engine import sampler
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.kv_access import KvReservation
 from engine.model.loader import weight_files
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineSnapshot, RequestOutput, StepResult
@@ -235,21 +236,19 @@ class LLMEngine:
 
     # -- disaggregation: the prompt's KV computed by another engine -------------
 
-    def reserve_remote(self, request: Request) -> Sequence[int] | None:
+    def reserve_remote(self, request: Request) -> KvReservation | None:
         """Decode role: reserve blocks for the prompt's KV before it is computed
-        elsewhere; the block table to write into, or None when full."""
-        if not self.scheduler.reserve_for_remote_kv(request):
+        elsewhere, starting from the prefix this engine already has cached;
+        None when full."""
+        cached = self.scheduler.reserve_for_remote_kv(request)
+        if cached is None:
             return None
         if request.sampling_params.stop:
             self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer)
-        return self._prompt_blocks(request.request_id)
-
-    def _prompt_blocks(self, request_id: str) -> Sequence[int]:
-        """The part of a reservation that the prompt's KV fills (the rest is
-        the first decode step's room)."""
-        req = self.scheduler.awaiting_kv[request_id]
-        n = self.block_pool.blocks_for_tokens(req.num_prompt_tokens)
-        return self.block_pool.block_table(request_id)[:n]
+        # The prompt's blocks; the rest is the first decode step's room.
+        n = self.block_pool.blocks_for_tokens(request.num_prompt_tokens)
+        table = self.block_pool.block_table(request.request_id)[:n]
+        return KvReservation(tuple(table), cached)
 
     def remote_kv_done(
         self,

@@ -173,22 +173,29 @@ class Scheduler:
 
     # -- KV computed elsewhere (the decode role) --------------------------------
 
-    def reserve_for_remote_kv(self, request: Request) -> bool:
+    def reserve_for_remote_kv(self, request: Request) -> int | None:
         """Reserve blocks for the whole prompt and its first decode step before
-        anyone spends prefill work on it. False, with nothing held, when the
-        blocks are not there (leaving the watermark free)."""
+        anyone spends prefill work on it, starting with the prompt's cached
+        prefix; returns how many of its blocks that prefix covers (their KV
+        is here already), or None, with nothing held, when the blocks are
+        not there (leaving the watermark free)."""
         rid = request.request_id
         if rid in self.requests or rid in self.held:
             raise ValueError(f"request id {rid!r} is already in use")
         tokens = request.num_prompt_tokens + 1
-        need = self.pool.num_new_blocks_needed(rid, tokens)
+        prefix = self._cached_prefix(request)
+        need = self.pool.num_new_blocks_needed(rid, tokens, prefix)
         if need + self._watermark() > self.pool.num_free_blocks:
-            return False
-        self.pool.allocate(rid, tokens)
+            return None
+        self.pool.allocate(rid, tokens, prefix)
+        request.num_cached_tokens = len(prefix) * self.pool.block_size
+        if self.pool.enable_caching:
+            self.stats.prefix_queries += request.num_prompt_tokens
+            self.stats.prefix_hits += request.num_cached_tokens
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.requests[rid] = request
         self.awaiting_kv[rid] = request
-        return True
+        return len(prefix)
 
     def remote_kv_arrived(
         self,
@@ -282,8 +289,8 @@ class Scheduler:
                 req.status = RequestStatus.RUNNING
                 if req.scheduled_time is None:
                     req.scheduled_time = time.monotonic()
-                    req.num_cached_tokens = len(prefix) * self.pool.block_size
-                    if looked_up:
+                    if looked_up:  # else it is what its reservation found
+                        req.num_cached_tokens = len(prefix) * self.pool.block_size
                         self.stats.prefix_queries += req.num_prompt_tokens
                         self.stats.prefix_hits += req.num_cached_tokens
                 self.running.append(req)

@@ -87,7 +87,8 @@ class PrefillTransport(Protocol):
         events: asyncio.Queue[PrefillEvent],
         result: PrefillResult,
     ) -> None:
-        """Fill the reservation `prefill.dest_block_ids`; end with a kv_ready
+        """Fill the reservation `prefill.dest_block_ids` (those after its
+        `num_cached_blocks`: D holds the rest already); end with a kv_ready
         or failed event (after a first_token event, at most one). The
         reservation is closed either way. It expires ttl_s after the call,
         or after the prefill worker's last message, whichever is later.
@@ -189,7 +190,8 @@ async def fill_in_turn(
     fresh reservation generation, while the reservation lasts; reports
     kv_ready after the first that completes, or failed with every reason."""
     rid = prefill.request_id
-    clock = ReservationClock(receiver, rid, list(prefill.dest_block_ids), ttl_s)
+    to_fill = list(prefill.dest_block_ids)[prefill.num_cached_blocks :]
+    clock = ReservationClock(receiver, rid, to_fill, ttl_s)
     fill = Fill(receiver, clock, events, result)
     try:
         for attempt in attempts:

@@ -7,7 +7,9 @@ KV blocks:
     D: PrefillRequest ─▶ P queues the prompt (the scheduler batches prompts by
                          token budget and chunks long ones)
     P: FirstToken     ─▶ as soon as the prompt's last chunk is computed
-    P: KvChunk ...    ─▶ layer by layer, read from P's held blocks
+    P: KvChunk ...    ─▶ layer by layer, read from P's held blocks (only
+                         those D lacks: the first num_cached_blocks of D's
+                         reservation hold the prompt's prefix there already)
     P: KvDone         ─▶
     D: KvAck          ─▶ P frees the blocks
 
@@ -137,11 +139,12 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         # The request is finished and holds its blocks for us: read_kv copies
         # them out here while the engine thread runs the next step.
         rid = r.request_id
+        skip = r.num_cached_blocks  # D has these already
         return await send_kv(
             sender,
             rid,
-            list(r.dest_block_ids),
-            lambda layer: self.aengine.read_kv(rid, layer),
+            list(r.dest_block_ids)[skip:],
+            lambda layer: self.aengine.read_kv(rid, layer, skip),
             num_layers=self.aengine.kv_layout.num_layers,
             max_chunk_bytes=r.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
             reservation=r.reservation,
@@ -164,12 +167,13 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 raise PrefillRefused(e.code.name, e.message) from None
             yield first.SerializeToString()
             start = time.monotonic()
+            skip = r.num_cached_blocks  # D has these already
             layers = [
-                self.aengine.read_kv(rid, layer)
+                self.aengine.read_kv(rid, layer, skip)
                 for layer in range(self.aengine.kv_layout.num_layers)
             ]
             self.aengine.abort(rid)  # copied out: free the blocks before the payload travels
-            payload = ray_backend.pack(rid, list(r.dest_block_ids), layers, r.reservation)
+            payload = ray_backend.pack(rid, list(r.dest_block_ids)[skip:], layers, r.reservation)
             self.metrics.kv_bytes.inc(payload.nbytes)
             self.metrics.kv_seconds.observe(time.monotonic() - start)
             yield payload
@@ -247,6 +251,11 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         needed = layout.blocks_for_tokens(req.num_prompt_tokens)
         if len(r.dest_block_ids) != needed:
             return f"{len(r.dest_block_ids)} destination blocks for a prompt that needs {needed}"
+        if r.num_cached_blocks >= needed:
+            return (
+                f"{r.num_cached_blocks} of the prompt's {needed} blocks cached on the decode "
+                "worker: its last block is always sent"
+            )
         req.hold_blocks_on_finish = True
         return req
 

@@ -29,7 +29,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "kv_transfer_bytes", "ttft_s", "decode_s", "num_preemptions", "prefill_address", "num_cached_tokens")
+    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "kv_transfer_bytes", "ttft_s", "decode_s", "num_preemptions", "prefill_address", "num_cached_tokens", "decode_cached_tokens")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class Timings(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     kv_transfer_s: float
@@ -48,7 +49,8 @@ class Timings(_message.Message):
     num_preemptions: int
     prefill_address: str
     num_cached_tokens: int
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefill_address: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    decode_cached_tokens: int
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefill_address: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -157,7 +159,7 @@ class PrefillClientMessage(_message.Message):
     def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., ack: _Optional[_Union[KvAck, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "dest_block_ids", "block_size", "max_chunk_bytes", "reservation")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "dest_block_ids", "block_size", "max_chunk_bytes", "reservation", "num_cached_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class PrefillRequest(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: SamplingParams
@@ -172,7 +175,8 @@ class PrefillRequest(_message.Message):
     block_size: int
     max_chunk_bytes: int
     reservation: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., dest_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., reservation: _Optional[int] = ...) -> None: ...
+    num_cached_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., dest_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., reservation: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ...) -> None: ...
 
 class KvAck(_message.Message):
     __slots__ = ("request_id", "ok", "error")

@@ -168,6 +168,9 @@ def _timings(
         "decode_s": pick("decode_s"),
         "num_preemptions": pick("num_preemptions"),
         "cached_tokens": pick("num_cached_tokens"),
+        # Of the prompt, the tokens the decode worker already held, so not
+        # transferred (1P+1D; 0 colocated).
+        "decode_cached_tokens": pick("decode_cached_tokens"),
         "prefill_worker": pick("prefill_address") or decode_address,
         "decode_worker": decode_address,
         "attempts": attempts,

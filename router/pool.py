@@ -388,7 +388,9 @@ class WorkerPool:
         if self.on_decision is not None:
             if not prefill and decode.role != "colocated" and self.healthy_prefill:
                 reason = "local_prefill"
-            elif self.policy == "cache_aware" and cached > 0:
+            elif self.policy == "cache_aware" and (
+                cached > 0 or (prefill and selection.cached_tokens(decode, prompt) > 0)
+            ):
                 reason = "prefix_cache"
             else:
                 reason = "load"

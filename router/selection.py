@@ -58,10 +58,13 @@ def pick_decode(
     it would refuse the request: when all are, the caller answers 503 at once
     instead of asking each.
 
-    cache_aware: a colocated worker likely to hold part of the prompt is
-    weighed by queued prompt tokens plus the prompt's uncached tokens (a
-    decode worker's cache serves only prompts it prefills itself, see
-    WorkerPool.rank_prefill: least_loaded).
+    cache_aware: when some worker likely holds part of the prompt, a
+    colocated worker is weighed by queued prompt tokens plus the prompt's
+    uncached tokens (prefill work); a decode worker by the KV it would then
+    hold, in blocks: those in use now plus those of the prompt it lacks (its
+    cached prefix is neither sent nor stored twice; Dynamo's decode-blocks
+    term), so a conversation stays where its history is unless another
+    worker holds that much less KV.
     """
     candidates = [
         (i, w)
@@ -71,9 +74,7 @@ def pick_decode(
     if not candidates:
         return None
     n = len(decode)
-    cached = {
-        w.address: cached_tokens(w, prompt) if w.role == "colocated" else 0 for _, w in candidates
-    }
+    cached = {w.address: cached_tokens(w, prompt) for _, w in candidates}
     by_cache = policy == "cache_aware" and any(cached.values())
 
     def key(iw: tuple[int, Worker]) -> tuple[bool, int, int, int]:
@@ -83,10 +84,13 @@ def pick_decode(
         if policy == "round_robin":
             return (free < need, 0, 0, (i - turn) % n)
         load = (w.status.running + w.status.waiting) if w.status else 0
-        if by_cache:
+        if not by_cache:
+            return (free < need, -free, load + w.in_flight, (i - turn) % n)
+        if w.role == "colocated":
             work = w.est_queued_prompt_tokens() + prompt_len - cached[w.address]
             return (free < need, work, load + w.in_flight, (i - turn) % n)
-        return (free < need, -free, load + w.in_flight, (i - turn) % n)
+        need -= cached[w.address] // w.block_size
+        return (free < need, need - free, load + w.in_flight, (i - turn) % n)
 
     return min(candidates, key=key)[1]
 

@@ -77,7 +77,7 @@ def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
     refs = {}
     for i, prompt in enumerate(prompts):
         rid = f"r{i}"
-        table = list(d_eng.reserve_remote(d_eng.make_request(prompt, params, rid)))
+        table = list(d_eng.reserve_remote(d_eng.make_request(prompt, params, rid)).block_ids)
         reservation = rx.expect(rid, table, ttl_s=60)
         refs[rid] = actor.prefill.remote(rid, prompt, table, reservation)
     results = {rid: ray.get(ref) for rid, ref in refs.items()}
@@ -102,7 +102,7 @@ def test_kv_through_the_object_store_equals_one_engine(local_ray, tiny_llama):
     # Nor is one for an earlier reservation of a request id reserved again.
     again = d_eng.reserve_remote(d_eng.make_request(prompts[0], params, "r0"))
     assert again is not None
-    rx.expect("r0", again, ttl_s=60)
+    rx.expect("r0", again.to_fill, ttl_s=60)
     before = [t.clone() for layer in runner.kv_caches for t in layer]
     with pytest.raises(KvRejected, match="not the open one"):
         receive_payload(rx, payload)

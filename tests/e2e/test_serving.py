@@ -347,14 +347,16 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_and_says_so(disagg, colocate
     """The second time a long prompt arrives, the worker that prefills it
     finds its full blocks in the prefix cache: usage reports them as cached
     tokens (OpenAI's prompt_tokens_details), the worker's metrics count the
-    hit, and the output is the same as computed from scratch."""
+    hit, and the output is the same as computed from scratch. On 1P+1D the
+    decode worker holds the prefix too (it received it the first time): only
+    the blocks it lacks are transferred the second time."""
     prompt = " ".join(["the cat sat on the mat and then it ran away"] * 8)
     (exp,) = offline.generate(
         [prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False
     )
     for cluster, role in ((disagg, "prefill"), (colocated, "colocated")):
         hits_before = role_metric(cluster, role, "splitserve_prefix_cache_hits_total")
-        usages = []
+        usages, timings = [], []
         for _ in range(2):
             r = client(cluster).completions.create(
                 model=model_name(cluster),
@@ -365,6 +367,7 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_and_says_so(disagg, colocate
             )
             assert r.choices[0].text == exp.text
             usages.append(r.usage)
+            timings.append(r.model_extra["splitserve_timings"])
         first, second = usages
         assert first.prompt_tokens == second.prompt_tokens > 32
         assert first.prompt_tokens_details.cached_tokens == 0
@@ -372,3 +375,9 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_and_says_so(disagg, colocate
         assert 16 <= cached < second.prompt_tokens and cached % 16 == 0
         hits = role_metric(cluster, role, "splitserve_prefix_cache_hits_total") - hits_before
         assert hits == cached
+        if cluster is disagg:
+            assert timings[0]["decode_cached_tokens"] == 0
+            assert timings[1]["decode_cached_tokens"] == cached
+            assert 0 < timings[1]["kv_transfer_bytes"] < timings[0]["kv_transfer_bytes"]
+        else:
+            assert timings[1]["kv_transfer_bytes"] == timings[1]["decode_cached_tokens"] == 0

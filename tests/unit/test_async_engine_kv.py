@@ -41,8 +41,10 @@ async def _disaggregated(prefill: LLMEngine, decode: LLMEngine) -> list[int]:
     try:
         # Another reservation first, so the two engines' block ids differ.
         assert await d.reserve_remote(d.make_request(PROMPT, PARAMS, "other")) is not None
-        table = await d.reserve_remote(d.make_request(PROMPT, PARAMS, "r"))
-        assert table is not None and len(table) == d.kv_layout.blocks_for_tokens(len(PROMPT))
+        reservation = await d.reserve_remote(d.make_request(PROMPT, PARAMS, "r"))
+        assert reservation is not None
+        table = reservation.to_fill  # nothing cached: the whole prompt
+        assert len(table) == d.kv_layout.blocks_for_tokens(len(PROMPT))
         first_params = dataclasses.replace(PARAMS, max_tokens=1)
         req = p.make_request(PROMPT, first_params, "r")
         req.hold_blocks_on_finish = True

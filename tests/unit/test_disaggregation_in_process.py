@@ -34,8 +34,9 @@ def prefill_remotely(prefill: LLM, decode: LLM, prompts, params):
     for i, prompt in enumerate(prompts):
         rid = f"r{i}"
         # Decode side first: blocks reserved before any prefill work is spent.
-        tables[rid] = d_eng.reserve_remote(d_eng.make_request(prompt, params, request_id=rid))
-        assert tables[rid] is not None
+        reservation = d_eng.reserve_remote(d_eng.make_request(prompt, params, request_id=rid))
+        assert reservation is not None and reservation.num_cached_blocks == 0
+        tables[rid] = reservation.block_ids
         # The prefill side samples the first token with the request's own
         # parameters (and seed), then stops.
         first_params = dataclasses.replace(params, max_tokens=1, stop=())
@@ -96,8 +97,8 @@ def test_reservation_is_refused_when_full_and_frees_on_abort(tiny_llama):
     # for a prompt of whole blocks) and leaves the watermark (1 block) free.
     big = [5] * ((blocks - 3) * eng.config.block_size)
     params = SamplingParams(temperature=0.0, max_tokens=1)
-    table = eng.reserve_remote(eng.make_request(big, params, request_id="a"))
-    assert table is not None and len(table) == blocks - 3  # the prompt's part
+    reservation = eng.reserve_remote(eng.make_request(big, params, request_id="a"))
+    assert reservation is not None and len(reservation.block_ids) == blocks - 3  # the prompt's
     assert eng.block_pool.num_free_blocks == 2
     # Backpressure: a second prompt of two blocks would eat into the
     # watermark: refused, and nothing held.

@@ -90,7 +90,7 @@ def test_send_kv_moves_a_real_prompts_kv_between_two_engines(tiny_llama):
     req.hold_blocks_on_finish = True
     p_eng.add_request(req)
     (out,) = [o for _ in range(8) for o in p_eng.step()]
-    table = list(d_eng.reserve_remote(d_eng.make_request(prompt, params, "r")))
+    table = list(d_eng.reserve_remote(d_eng.make_request(prompt, params, "r")).block_ids)
     runner = d_eng.runner
     k_cache = runner.kv_caches[0][0]
     rx = KvReceiver(runner.write_blocks, len(runner.kv_caches), k_cache.shape[1:], k_cache.dtype)
@@ -187,8 +187,8 @@ def test_object_store_prefill_renews_the_reservation_while_the_prefill_progresse
 
         try:
             request = d_eng.make_request(prompt, params, "slow-1")
-            table = d_eng.reserve_remote(request)
-            assert table is not None
+            reservation = d_eng.reserve_remote(request)
+            assert reservation is not None
             events: asyncio.Queue[PrefillEvent] = asyncio.Queue()
             result = PrefillResult()
             transport = ObjectStorePrefill(slow_call, attempts=1)
@@ -196,7 +196,7 @@ def test_object_store_prefill_renews_the_reservation_while_the_prefill_progresse
                 request_id="slow-1",
                 prompt_token_ids=prompt,
                 sampling_params=params_to_pb(params),
-                dest_block_ids=list(table),
+                dest_block_ids=reservation.block_ids,
                 block_size=d_eng.config.block_size,
             )
             await transport.fill(rx, prefill, [], ttl_s, events, result)

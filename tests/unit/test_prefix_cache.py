@@ -193,20 +193,30 @@ def test_caching_off_caches_nothing():
     assert pool.num_cached_blocks == 0 and pool.cached_prefix(hashes_of([1, 2], 2)) == []
 
 
-def test_a_prompt_whose_kv_came_from_elsewhere_is_not_counted_as_looked_up():
-    """A decode worker admits a request whose KV arrived: it looks nothing
-    up, so the hit rate counts only prompts a worker could have found."""
+def test_a_reservation_for_remote_kv_starts_from_the_cached_prefix():
+    """A decode worker's reservation looks its prompt up once (its admission,
+    once the KV arrived, looks nothing up again): blocks it finds are shared
+    and their KV is not received again; the blocks it received are cached
+    for the next prompt, local or remote."""
     from engine.request import Request
     from engine.scheduler import Scheduler, SchedulerConfig
 
     s = Scheduler(SchedulerConfig(8, 256, 1024), BlockPool(32, 4, enable_caching=True))
     remote = Request("remote", list(range(20)), SamplingParams(max_tokens=2))
-    assert s.reserve_for_remote_kv(remote)
+    assert s.reserve_for_remote_kv(remote) == 0
     s.remote_kv_arrived("remote", 7, None, [2])
     s.schedule()
-    assert (s.stats.prefix_queries, s.stats.prefix_hits) == (0, 0)
-    # Its prompt's blocks are cached all the same: a local prompt finds them.
+    assert (s.stats.prefix_queries, s.stats.prefix_hits) == (20, 0)
+    # Its prompt's blocks are cached: a local prompt finds them...
     local = Request("local", [*range(20), 9], SamplingParams(max_tokens=2))
     s.add_request(local)
     s.schedule()
-    assert (s.stats.prefix_queries, s.stats.prefix_hits) == (21, 20)
+    assert (s.stats.prefix_queries, s.stats.prefix_hits) == (41, 20)
+    # ... and so does the next reservation: 4 of its 5 full blocks (the
+    # last token is always computed, so its block is always received).
+    again = Request("again", list(range(20)), SamplingParams(max_tokens=2))
+    assert s.reserve_for_remote_kv(again) == 4
+    assert again.num_cached_tokens == 16
+    assert s.pool.block_table("again")[:4] == s.pool.block_table("remote")[:4]
+    assert (s.stats.prefix_queries, s.stats.prefix_hits) == (61, 36)
+    s.pool.check_integrity()

@@ -121,10 +121,19 @@ def test_colocated_workers_keep_their_prefixes_and_fall_back_to_least_loaded():
     # ...until what is queued there outweighs what its cache saves.
     record(c1, role="colocated", kv_blocks_free=900, waiting_prompt_tokens=200)
     assert send(pool, prompt(4))[0] is c0
-    # Decode workers of a disaggregated pool do not reuse: their cache is not counted.
-    record(c0, role="decode", kv_blocks_free=990)
+    # A decode worker of a disaggregated pool receives only what it lacks:
+    # its cached blocks count against the KV it holds (in blocks), so it
+    # wins unless another has that much more room.
+    history = prompt(0, prefix=list(range(7000, 7064)))
+    c1.prefixes.add(history.hashes(16))  # c1 received this conversation's KV before
+    record(c0, role="decode", kv_blocks_free=902)
     record(c1, role="decode", kv_blocks_free=900)
-    assert pool.pick_decode(74, set(), prompt(4)) is c0
+    assert pool.pick_decode(74, set(), history) is c1  # 1 block to receive, 4 cached
+    record(c0, role="decode", kv_blocks_free=990)
+    assert pool.pick_decode(74, set(), history) is c0
+    pool.policy = "least_loaded"
+    record(c0, role="decode", kv_blocks_free=902)
+    assert pool.pick_decode(74, set(), history) is c0
 
 
 def test_a_decode_worker_prefills_itself_what_it_lacks_when_that_is_short():

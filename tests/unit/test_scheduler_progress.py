@@ -3,18 +3,19 @@
 A hypothesis state machine drives one Scheduler and its BlockPool through
 random sequences of what the three roles do to them: requests added (some
 holding their blocks on finish, as a prefill worker's do), reservations for
-remote KV, KV arrivals (whole, or failed after the first token), aborts,
-releases of held KV, and steps with random samples, on pools of 4 to 64
-blocks, with prefix caching on or off (prompts drawn from a few shared
-beginnings, so blocks are shared, revived and evicted). A shadow of the KV
-pool records which tokens each slot was computed for: every computed
-position of a scheduled request must hold its own prefix's KV (sharing and
-eviction never hand a request wrong KV), and a step only ever writes into
-blocks no one else holds. After every operation the pool's bookkeeping must be intact; every
-step must schedule something whenever a request could run, unless blocks are
-pinned by an event from outside (KV still arriving, held KV not yet
-acknowledged); and at the end, once those events have happened, everything
-finishes and the pool is all free.
+remote KV (starting from a cached prefix, as a decode worker's do), KV
+arrivals (whole, or failed after the first token), aborts, releases of held
+KV, and steps with random samples, on pools of 4 to 64 blocks, with prefix
+caching on or off (prompts drawn from a few shared beginnings, so blocks are
+shared, revived and evicted). A shadow of the KV pool records which tokens
+each slot was computed (or received) for: every computed position of a
+scheduled request must hold its own prefix's KV (sharing and eviction never
+hand a request wrong KV), and a step or a KV arrival only ever writes into
+blocks no one else holds. After every operation the pool's bookkeeping must
+be intact; every step must schedule something whenever a request could run,
+unless blocks are pinned by an event from outside (KV still arriving, held
+KV not yet acknowledged); and at the end, once those events have happened,
+everything finishes and the pool is all free.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s = Scheduler(config, BlockPool(num_blocks, block_size, enable_caching=caching))
         # block -> slot -> the tokens (a prefix) whose KV the slot holds
         self.kv: dict[int, dict[int, tuple[int, ...]]] = {}
+        # reservation -> the prompt position its received KV starts at
+        self.received_from: dict[str, int] = {}
         self.next_id = 0
         self.empty_steps = 0
         self.steps = 0
@@ -83,14 +86,20 @@ class SchedulerMachine(RuleBasedStateMachine):
             req.hold_blocks_on_finish = hold  # a prefill worker's request
             self.s.add_request(req)
 
-    @rule(prompt_len=st.integers(1, 80), max_tokens=st.integers(1, 40))
-    def reserve(self, prompt_len, max_tokens):
-        req = self._request(prompt_len, max_tokens)
+    @rule(prompt_len=st.integers(1, 80), max_tokens=st.integers(1, 40), family=st.integers(0, 3))
+    def reserve(self, prompt_len, max_tokens, family):
+        req = self._request(prompt_len, max_tokens, family)
         if req is not None:
             free = self.s.pool.num_free_blocks
-            if not self.s.reserve_for_remote_kv(req):
+            cached = self.s.reserve_for_remote_kv(req)
+            if cached is None:
                 assert self.s.pool.num_free_blocks == free  # a refusal holds nothing
                 assert req.request_id not in self.s.requests
+            else:
+                # The blocks its prefix cache supplied hold that prefix's KV;
+                # only the rest is to be received.
+                self._check_computed(req, cached * self.s.pool.block_size)
+                self.received_from[req.request_id] = cached * self.s.pool.block_size
 
     @precondition(lambda self: self.s.awaiting_kv)
     @rule(data=st.data(), token=TOKENS, whole=st.booleans())
@@ -98,7 +107,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.s.awaiting_kv)))
         if whole:  # the receiver wrote the prompt's KV into the reservation
             req = self.s.awaiting_kv[rid]
-            self._write(req, 0, req.num_prompt_tokens)
+            start = self.received_from[rid]
+            self._write(req, start, req.num_prompt_tokens - start)
         self.s.remote_kv_arrived(rid, token, None, [EOS], kv_valid=whole)
 
     @precondition(lambda self: self.s.requests or self.s.held)
@@ -154,9 +164,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self.s.pool._ref_counts[block] == 1, f"a step writes shared block {block}"
             self.kv.setdefault(block, {})[slot] = tuple(tokens[: pos + 1])
 
-    def _check_computed(self, req: Request) -> None:
+    def _check_computed(self, req: Request, upto: int | None = None) -> None:
         tokens = req.prompt_token_ids + req.output_token_ids
-        for pos in range(req.num_computed_tokens):
+        for pos in range(req.num_computed_tokens if upto is None else upto):
             block, slot = self._slot(req, pos)
             assert self.kv.get(block, {}).get(slot) == tuple(tokens[: pos + 1]), (
                 f"{req.request_id}: position {pos} in block {block} holds another prefix's KV"
@@ -217,7 +227,7 @@ def test_reservations_that_fill_the_pool_do_not_stall_it():
     more block for its first decoded token. Every request must finish."""
     s = Scheduler(SchedulerConfig(8, 2048, 4096, reservation_watermark=0), BlockPool(8, 16))
     reqs = [Request(f"r{i}", [5] * 64, SamplingParams(max_tokens=8)) for i in range(6)]
-    granted = [r for r in reqs if s.reserve_for_remote_kv(r)]
+    granted = [r for r in reqs if s.reserve_for_remote_kv(r) is not None]
     assert granted and s.pool.num_free_blocks < 5  # the rest could not reserve
     for r in granted:
         s.remote_kv_arrived(r.request_id, 7, None, [EOS])

@@ -80,6 +80,11 @@ async def serving(model: Path) -> AsyncIterator[Pair]:
 
 
 async def generate(pair: Pair, rid: str, prompt: list[int]) -> list[int]:
+    return (await generate_timed(pair, rid, prompt))[0]
+
+
+async def generate_timed(pair: Pair, rid: str, prompt: list[int]) -> tuple[list[int], pb.Timings]:
+    """The tokens, and the final message's timings."""
     request = pb.GenerateRequest(
         request_id=rid,
         prompt_token_ids=prompt,
@@ -87,10 +92,13 @@ async def generate(pair: Pair, rid: str, prompt: list[int]) -> list[int]:
         prefill_addresses=[pair.prefill_address],
     )
     tokens: list[int] = []
+    timings = pb.Timings()
     async with grpc.aio.insecure_channel(pair.decode_address) as ch:
         async for msg in pb_grpc.DecodeWorkerStub(ch).Generate(request, timeout=60):
             tokens.extend(msg.token_ids)
-    return tokens
+            if msg.finish_reason:
+                timings = msg.timings
+    return tokens, timings
 
 
 async def all_blocks_back(*engines: AsyncEngine) -> bool:
@@ -134,3 +142,32 @@ def test_a_draining_prefill_worker_is_skipped_and_the_prompt_prefilled_here(tiny
     assert tokens == expected[0]
     assert clean
     assert local_prefills == 1
+
+
+def test_the_decode_worker_receives_only_the_blocks_its_prefix_cache_lacks(tiny_llama):
+    """A prompt whose prefix the decode worker computed before (it received
+    that KV for an earlier request) reserves those blocks from its cache; the
+    prefill worker sends only the rest, and the output is unchanged."""
+    shared = list(range(100, 164))  # 4 full blocks of 16
+    first, second = [*shared, 7, 8, 9], [*shared, *range(300, 340)]
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=4 << 20)
+    want = [o.token_ids for o in llm.generate([first, second], PARAMS, use_tqdm=False)]
+
+    async def run() -> tuple[list[tuple[list[int], pb.Timings]], int, bool]:
+        async with serving(tiny_llama) as pair:
+            a = await generate_timed(pair, "a", first)
+            b = await generate_timed(pair, "b", second)
+            layout = pair.d_engine.kv_layout
+            block_bytes = 2 * layout.num_layers * layout.dtype.itemsize
+            block_bytes *= layout.block_size * layout.num_kv_heads * layout.head_dim
+            clean = await all_blocks_back(pair.p_engine, pair.d_engine)
+            return [a, b], block_bytes, clean
+
+    (a, b), block_bytes, clean = asyncio.run(run())
+    assert [a[0], b[0]] == want
+    assert a[1].decode_cached_tokens == 0
+    assert a[1].kv_transfer_bytes == 5 * block_bytes  # 67 tokens: 5 blocks
+    assert b[1].decode_cached_tokens == 64
+    assert b[1].kv_transfer_bytes == 3 * block_bytes  # 104 tokens: 7 blocks, 4 held
+    assert b[1].num_cached_tokens == 64  # the prefill worker's cache, too
+    assert clean
