@@ -31,9 +31,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from router.body import read_body
+from router.choices import run_choices
 from router.dispatch import WorkerFailed
 from router.errors import APIError, error_body
-from router.flow import Delta, Finish, run_request
+from router.flow import Delta, Finish
 from router.metrics import RouterMetrics
 from router.pool import WorkerPool
 from router.preprocess import OFF_LOOP_BYTES, Prepared, prepare
@@ -88,7 +89,7 @@ class Generation:
             async with _deadline(deadline):
                 raw = await read_body(request, self.max_body_bytes)
                 prepared, fmt = await self._prepare(raw, endpoint)
-                events = run_request(
+                events = run_choices(
                     self.pool, m, self.served, prepared, fmt.request_id, arrival,
                     migration_limit=self.migration_limit,
                 ).__aiter__()  # fmt: skip
@@ -164,12 +165,15 @@ class _deadline:
 
 async def _collect(events: Events, fmt: CompletionFormat) -> dict[str, Any]:
     """Run a non-streaming request to the end: the whole response body."""
-    tokens: list[TokenInfo] = []
+    tokens: dict[int, list[TokenInfo]] = {}
+    finishes: list[Finish] = []
     async for ev in events:
-        tokens += ev.delta.tokens if isinstance(ev, Finish) else ev.tokens
+        delta = ev.delta if isinstance(ev, Finish) else ev
+        tokens.setdefault(delta.index, []).extend(delta.tokens)
         if isinstance(ev, Finish):
-            return fmt.response(ev, tokens)
-    raise AssertionError("the event stream ended without a Finish")
+            finishes.append(ev)
+    assert finishes, "the event stream ended without a Finish"
+    return fmt.response(finishes, tokens)
 
 
 def _data(obj: dict[str, Any]) -> bytes:
@@ -193,17 +197,20 @@ async def _sse(
     The deadline bounds each wait for the next event, never a yield: a
     timeout must cancel the request's events, not Starlette sending a chunk."""
     status: int | str = 200
+    finishes: list[Finish] = []
     try:
-        for obj in fmt.start_chunks():
+        for obj in fmt.start_chunks(prepared.n):
             yield _data(obj)
         ev = first
         while True:
             if isinstance(ev, Finish):
                 yield _data(fmt.final_chunk(ev))
-                if prepared.include_usage:
-                    yield _data(fmt.usage_chunk(ev))
-                break
-            if ev.text or ev.tokens:
+                finishes.append(ev)
+                if len(finishes) == prepared.n:
+                    if prepared.include_usage:
+                        yield _data(fmt.usage_chunk(finishes))
+                    break
+            elif ev.text or ev.tokens:
                 yield _data(fmt.chunk(ev))
             async with _deadline(deadline):
                 ev = await events.__anext__()

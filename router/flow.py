@@ -15,11 +15,12 @@ generator cancels the gRPC call.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.sampling_params import SamplingParams
 from protos import splitserve_pb2 as pb
 from router.dispatch import DEFAULT_MIGRATION_LIMIT, DecodeCall
 from router.metrics import RouterMetrics
@@ -33,6 +34,7 @@ from router.textstream import TextAssembler, TokenInfo
 class Delta:
     text: str
     tokens: list[TokenInfo] = field(default_factory=list)  # when logprobs were asked for
+    index: int = 0  # which choice (n > 1)
 
 
 @dataclass
@@ -43,14 +45,24 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, Any]  # the response's "splitserve_timings"
+    cumulative_logprob: float  # of the output tokens (best_of ranks by it)
 
-    def usage(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.timings.get("cached_tokens", 0)},
-        }
+    @property
+    def index(self) -> int:
+        return self.delta.index
+
+
+def usage(finishes: list[Finish]) -> dict[str, Any]:
+    """The response's usage over all its choices: the prompt counted once
+    (its KV is shared), every generated token counted."""
+    prompt = finishes[0].prompt_tokens
+    completion = sum(f.completion_tokens for f in finishes)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": finishes[0].timings.get("cached_tokens", 0)},
+    }
 
 
 async def run_request(
@@ -61,10 +73,13 @@ async def run_request(
     request_id: str,
     arrival: float,
     migration_limit: int = DEFAULT_MIGRATION_LIMIT,
-) -> AsyncIterator[Delta | Finish]:
-    """Send the request to a decode worker and turn its tokens into events;
-    a request whose worker fails mid-stream moves up to `migration_limit` times."""
-    params = prepared.params
+    params: SamplingParams | None = None,
+    index: int = 0,
+) -> AsyncGenerator[Delta | Finish, None]:
+    """Send the request to a decode worker and turn its tokens into events
+    of choice `index`, sampled with `params` (default: the request's); a
+    request whose worker fails mid-stream moves up to `migration_limit` times."""
+    params = params or prepared.params
     call = DecodeCall(pool, metrics, request_id, prepared.prompt_ids, params, migration_limit)
     asm = TextAssembler(served.tokenizer, params.stop, logprobs=prepared.logprobs)
     first_at: float | None = None
@@ -95,7 +110,7 @@ async def run_request(
             text, tokens = asm.take()
             if text or tokens or not started:  # always an event at the first message
                 started = True
-                yield Delta(text, tokens)
+                yield Delta(text, tokens, index)
     assert first_at is not None  # messages() raises rather than end without a finish
     worker_stop = None
     if final is not None and final.WhichOneof("stop_reason") == "stop_string":
@@ -107,7 +122,7 @@ async def run_request(
     metrics.observe_finish(first_at - arrival, done - arrival, n)
     worker = call.worker.address if call.worker is not None else ""
     yield Finish(
-        delta=Delta(rest, tokens),
+        delta=Delta(rest, tokens, index),
         reason=reason,
         text=asm.text,
         prompt_tokens=len(prepared.prompt_ids),
@@ -121,6 +136,7 @@ async def run_request(
             first_at - arrival,
             done - arrival,
         ),
+        cumulative_logprob=asm.cumulative_logprob,
     )
 
 

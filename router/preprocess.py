@@ -25,6 +25,7 @@ from router.served_model import ServedModel
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n and best_of
 _INT32_MAX = 2**31 - 1
 _UINT64_LIMIT = 2**64
 # Bodies at least this large are parsed and tokenized off the event loop
@@ -41,6 +42,8 @@ class Prepared:
     stream: bool
     include_usage: bool  # streaming: send a usage chunk before [DONE]
     logprobs: bool  # report each sampled token's logprob
+    n: int = 1  # choices to answer
+    best_of: int = 1  # choices to generate (>= n; the best n are answered)
 
 
 def prepare(raw: bytes, endpoint: Endpoint, served: ServedModel) -> Prepared:
@@ -57,8 +60,6 @@ def prepare_completion(req: CompletionRequest, served: ServedModel) -> Prepared:
     _check_common(req, served)
     if req.echo:
         raise bad_request("echo is not supported", param="echo")
-    if req.best_of not in (None, 1):
-        raise bad_request("best_of must be 1 (or absent)", param="best_of")
     if req.logprobs is not None and req.logprobs < 0:
         raise bad_request(f"logprobs must be >= 0, got {req.logprobs}", param="logprobs")
     if req.logprobs is not None and req.logprobs > 1:
@@ -96,8 +97,8 @@ def _check_common(req: CompletionRequest | ChatCompletionRequest, served: Served
             param="model",
             code="model_not_found",
         )
-    if req.n not in (None, 1):
-        raise bad_request("n must be 1", param="n")
+    if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
+        raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {req.n}", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0):
             raise bad_request(f"{name} is not supported (only 0)", param=name)
@@ -126,14 +127,34 @@ def _prepare(
         )
     stream = bool(req.stream)
     opts = req.stream_options
+    n, best_of = _choices(req, stream)
+    # best_of ranks the choices by their logprob: the workers must send it.
+    params = _sampling(req, served, max_tokens, logprobs or best_of > n)
     return Prepared(
         prompt_ids=ids,
-        params=_sampling(req, served, max_tokens, logprobs),
+        params=params,
         stream=stream,
         # A usage chunk by default; include_usage: false turns it off.
         include_usage=stream and (opts is None or opts.include_usage is not False),
         logprobs=logprobs,
+        n=n,
+        best_of=best_of,
     )
+
+
+def _choices(req: CompletionRequest | ChatCompletionRequest, stream: bool) -> tuple[int, int]:
+    """(n, best_of) of a request."""
+    n = req.n or 1
+    best_of = getattr(req, "best_of", None)
+    if best_of is None:
+        return n, n
+    if not n <= best_of <= MAX_CHOICES:
+        raise bad_request(
+            f"best_of must be between n ({n}) and {MAX_CHOICES}, got {best_of}", param="best_of"
+        )
+    if stream and best_of > n:
+        raise bad_request("best_of > n cannot be streamed", param="best_of")
+    return n, best_of
 
 
 def _sampling(

@@ -103,7 +103,7 @@ class _SamplingFields(_Body):
     ignore_eos: StrictBool = False  # vLLM extension
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = None  # 1 only
+    n: StrictInt | None = None  # choices, 1-16
     presence_penalty: Number | None = None  # 0 only
     frequency_penalty: Number | None = None  # 0 only
 
@@ -114,7 +114,7 @@ class CompletionRequest(_SamplingFields):
     prompt: Prompt
     logprobs: StrictInt | None = None  # >= 0: report each sampled token's logprob
     echo: StrictBool | None = False  # true is not supported
-    best_of: StrictInt | None = None  # 1 only
+    best_of: StrictInt | None = None  # choices generated (n-16); the best n answered
 
 
 class TextPart(_Body):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from router.flow import Delta, Finish
+from router.flow import Delta, Finish, usage
 from router.textstream import TokenInfo
 
 
@@ -42,12 +42,12 @@ class CompletionFormat:
             "text_offset": [t.offset for t in tokens],
         }
 
-    def start_chunks(self) -> list[dict[str, Any]]:
+    def start_chunks(self, n: int) -> list[dict[str, Any]]:
         return []
 
     def chunk(self, delta: Delta, finish_reason: str | None = None) -> dict[str, Any]:
         choice = {
-            "index": 0,
+            "index": delta.index,
             "text": delta.text,
             "logprobs": self._logprobs(delta.tokens),
             "finish_reason": finish_reason,
@@ -55,24 +55,31 @@ class CompletionFormat:
         return {**self._head(), "choices": [choice]}
 
     def final_chunk(self, fin: Finish) -> dict[str, Any]:
+        """A choice's last chunk: its finish reason and its timings."""
         return {**self.chunk(fin.delta, fin.reason), "splitserve_timings": fin.timings}
 
-    def usage_chunk(self, fin: Finish) -> dict[str, Any]:
-        return {**self._head(), "choices": [], "usage": fin.usage()}
+    def usage_chunk(self, finishes: list[Finish]) -> dict[str, Any]:
+        return {**self._head(), "choices": [], "usage": usage(finishes)}
 
-    def response(self, fin: Finish, tokens: list[TokenInfo]) -> dict[str, Any]:
-        """The whole non-streaming response; `tokens`: every token's logprob entry."""
-        choice = {
-            "index": 0,
+    def _choice(self, fin: Finish, tokens: list[TokenInfo]) -> dict[str, Any]:
+        return {
+            "index": fin.index,
             "text": fin.text,
             "logprobs": self._logprobs(tokens),
             "finish_reason": fin.reason,
         }
+
+    def response(
+        self, finishes: list[Finish], tokens: dict[int, list[TokenInfo]]
+    ) -> dict[str, Any]:
+        """The whole non-streaming response: every choice, by index (`tokens`:
+        each choice's logprob entries); the first choice's timings."""
+        finishes = sorted(finishes, key=lambda f: f.index)
         return {
             **self._head(),
-            "choices": [choice],
-            "usage": fin.usage(),
-            "splitserve_timings": fin.timings,
+            "choices": [self._choice(f, tokens.get(f.index, [])) for f in finishes],
+            "usage": usage(finishes),
+            "splitserve_timings": finishes[0].timings,
         }
 
 
@@ -96,35 +103,40 @@ class ChatFormat(CompletionFormat):
             ]
         }
 
-    def start_chunks(self) -> list[dict[str, Any]]:
-        choice = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        return [{**self._head(), "choices": [choice]}]
+    def start_chunks(self, n: int) -> list[dict[str, Any]]:
+        return [
+            {
+                **self._head(),
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+            for i in range(n)
+        ]
 
     def chunk(self, delta: Delta, finish_reason: str | None = None) -> dict[str, Any]:
         choice = {
-            "index": 0,
+            "index": delta.index,
             "delta": {"content": delta.text} if delta.text else {},
             "logprobs": self._logprobs(delta.tokens) if delta.tokens else None,
             "finish_reason": finish_reason,
         }
         return {**self._head(), "choices": [choice]}
 
-    def response(self, fin: Finish, tokens: list[TokenInfo]) -> dict[str, Any]:
-        choice = {
-            "index": 0,
+    def _choice(self, fin: Finish, tokens: list[TokenInfo]) -> dict[str, Any]:
+        return {
+            "index": fin.index,
             "message": {"role": "assistant", "content": fin.text},
             "logprobs": self._logprobs(tokens),
             "finish_reason": fin.reason,
         }
-        return {
-            **self._head(),
-            "object": "chat.completion",
-            "choices": [choice],
-            "usage": fin.usage(),
-            "splitserve_timings": fin.timings,
-        }
+
+    def response(
+        self, finishes: list[Finish], tokens: dict[int, list[TokenInfo]]
+    ) -> dict[str, Any]:
+        return {**super().response(finishes, tokens), "object": "chat.completion"}

@@ -46,6 +46,7 @@ class TextAssembler:
         self.want_logprobs = logprobs
         self._emitted = 0  # characters of text already handed out
         self._tokens: list[TokenInfo] = []  # logprob entries not yet handed out
+        self.cumulative_logprob = 0.0  # over the tokens pushed that carried one
 
     @property
     def stopped(self) -> bool:
@@ -58,6 +59,8 @@ class TextAssembler:
         assert not self.stopped, "no tokens after a stop string"
         offset = len(self.detok.text)
         self.token_ids.append(token_id)
+        if logprob is not None:
+            self.cumulative_logprob += logprob
         new = self.detok.push(token_id)
         if self.want_logprobs:
             text = str(self.tokenizer.decode([token_id], skip_special_tokens=False))

@@ -1,6 +1,7 @@
 """End to end over real processes on 127.0.0.1: `splitserve serve` (router +
-1 prefill + 1 decode worker, and a colocated cluster), driven by the
-`openai` client. Output must equal the offline engine's token for token."""
+1 prefill + 1 decode worker, and a colocated cluster; tests/e2e/conftest.py),
+driven by the `openai` client. Output must equal the offline engine's token
+for token."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import httpx
 import openai
 import pytest
 
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from tests.cluster import ServeCluster, assert_all_blocks_free, role_metric
+from tests.e2e.api import client, model_name
 
-WORKER_ARGS = ("--dtype", "float32", "--kv-cache-mib", "16", "--threads", "1")
 PROMPTS = [
     "Once upon a time",
     "The quick brown fox jumps over",
@@ -25,35 +26,6 @@ PROMPTS = [
     "Hello",
 ]
 MAX_TOKENS = [12, 40, 7, 25, 33, 18]
-
-
-@pytest.fixture(scope="module")
-def disagg(tiny_llama, tmp_path_factory):
-    c = ServeCluster(tiny_llama, tmp_path_factory.mktemp("logs") / "disagg.log", *WORKER_ARGS)
-    yield c
-    assert c.stop() == [], "workers outlived their cluster"
-
-
-@pytest.fixture(scope="module")
-def colocated(tiny_llama, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "colocated.log"
-    # Tokens every 3 (the first at once): output must not change.
-    c = ServeCluster(tiny_llama, log, "--colocated", "1", "--stream-interval", "3", *WORKER_ARGS)
-    yield c
-    assert c.stop() == [], "workers outlived their cluster"
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_llama):
-    return LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=16 << 20)
-
-
-def client(cluster: ServeCluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
-
-
-def model_name(cluster: ServeCluster) -> str:
-    return client(cluster).models.list().data[0].id
 
 
 def complete(cluster: ServeCluster, prompt: str, max_tokens: int, **kw) -> tuple[str, list, str]:
@@ -312,7 +284,7 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_stays_healthy(disagg):
         "huge max_tokens": body(max_tokens=10**9),
         "over-long prompt": body(prompt="word " * 5000),
         "unknown model": body(model="gpt-17"),
-        "n=2": body(n=2),
+        "n=17": body(n=17),
         "empty prompt": body(prompt=""),
         "bad token id": body(prompt=[1, 2, 10**7]),
         "negative temperature": body(temperature=-1),

@@ -82,7 +82,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str]] = [
     ),
     ("text-prompt-too-long", C, {"prompt": "hello " * 3000}, 400, "prompt", "context length"),
     ("unknown-model", C, {"model": "gpt-4", "prompt": "hi"}, 400, "model", "gpt-4"),
-    ("n-2", C, {"prompt": "hi", "n": 2}, 400, "n", "n must be 1"),
+    ("n-17", C, {"prompt": "hi", "n": 17}, 400, "n", "n must be between 1 and 16"),
     ("empty-prompt", C, {"prompt": ""}, 400, "prompt", "empty"),
     ("empty-token-list", C, {"prompt": []}, 400, "prompt", "empty"),
     ("negative-token-id", C, {"prompt": [1, -1]}, 400, "prompt", "[0, 2048)"),
@@ -111,7 +111,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str]] = [
         "text",
     ),
     ("chat-top-logprobs", CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", ""),
-    ("chat-n", CHAT, {"messages": USER, "n": 3}, 400, "n", "n must be 1"),
+    ("chat-n", CHAT, {"messages": USER, "n": 0}, 400, "n", "n must be between 1 and 16"),
     ("chat-max-tokens", CHAT, {"messages": USER, "max_tokens": MAX_LEN}, 400, "max_tokens", ""),
     ("too-large", C, b'{"prompt": "' + b"a" * (10 << 20) + b'"}', 413, None, "limit"),
 ]
@@ -191,7 +191,7 @@ def test_models_lists_the_served_model(client, model_dir):
 
 
 def test_metrics_answer_on_both_paths(client):
-    client.post(C, json={"prompt": "hi", "n": 2})
+    client.post(C, json={"prompt": "hi", "n": 17})
     for path in ("/metrics", "/metrics/"):
         r = client.get(path, follow_redirects=False)
         assert r.status_code == 200
