@@ -31,7 +31,7 @@ class LLMEngine:
         weight_files(self.model_config.path)  # fail on missing weights before anything loads
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
         self.eos_token_ids = self._eos_ids()
-        self.runner = ModelRunner(config, self.model_config)
+        self.runner = ModelRunner(config, self.model_config, self.eos_token_ids)
         self.block_pool = BlockPool(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -80,6 +80,10 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> Request:
         """Tokenize and validate, without queueing (so a batch can be checked whole)."""
+        vocab = self.model_config.vocab_size
+        bad_bias = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {bad_bias[:5]}")
         if isinstance(prompt, str):
             text: str | None = prompt
             ids = self.tokenizer.encode(prompt)
@@ -225,6 +229,8 @@ class LLMEngine:
         # worth matching; one that hit max_tokens still may.
         if not new or req.status is RequestStatus.FINISHED_STOPPED:
             return False
+        if req.num_output_tokens <= req.sampling_params.min_tokens:
+            return False  # as EOS, a stop string cannot end it before min_tokens
         hit = find_stop(detok.text, len(new), req.sampling_params.stop)
         if hit is None:
             return False

@@ -35,8 +35,15 @@ class StepTimings:
 
 
 class ModelRunner:
-    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig) -> None:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        model_config: ModelConfig,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
         self.device = engine_config.torch_device
+        # The sampler keeps them out of reach of requests short of min_tokens.
+        self.eos_token_ids = tuple(eos_token_ids)
         self.dtype = engine_config.torch_dtype(model_config)
         self.block_size = engine_config.block_size
         self.max_model_len = engine_config.resolved_max_model_len(model_config)
@@ -136,7 +143,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logit_rows])
             t2 = time.perf_counter()
             reqs = [scheduled[i].request for i in inputs.sampled]
-            for i, sample in zip(inputs.sampled, sampler.sample(logits, reqs), strict=True):
+            samples = sampler.sample(logits, reqs, self.eos_token_ids)
+            for i, sample in zip(inputs.sampled, samples, strict=True):
                 results[i] = sample
             t3 = time.perf_counter()
         self.timings.prepare_s += t1 - t0

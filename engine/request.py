@@ -69,6 +69,15 @@ class Request:
     # Per-request RNG for seeded sampling, so a seed reproduces the same tokens
     # whatever else is in the batch. Created lazily by the sampler.
     generator: torch.Generator | None = None
+    # The sampler's, for requests with a presence/frequency/repetition
+    # penalty only (created lazily, on the logits' device, and caught up one
+    # step at a time): how often each token id occurs in
+    # output_token_ids[:num_counted_output_tokens] ([vocab] float32), and,
+    # with a repetition penalty, which ids occur in the prompt or in those
+    # output tokens ([vocab] bool).
+    output_token_counts: torch.Tensor | None = None
+    num_counted_output_tokens: int = 0
+    seen_token_mask: torch.Tensor | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,13 @@ Random sampling uses the exponential-race form of the categorical draw:
 argmax(p / E) with E ~ Exp(1) picks token i with probability p_i. The noise
 for a seeded request comes from that request's own generator, so its tokens
 depend on its seed alone, never on which other requests share the batch.
+
+Logits go through vLLM's steps, in its order: logit_bias and min_tokens on
+the raw logits, then the repetition, frequency and presence penalties, then
+temperature, top-k and top-p. Only the rows of requests that set one of the
+first four are touched by them, and a batch where none does takes the plain
+path. Returned logprobs are of the raw logits (vLLM's default
+"raw_logprobs" mode).
 """
 
 from __future__ import annotations
@@ -19,17 +26,25 @@ from engine.request import Request
 def sample(
     logits: torch.Tensor,  # [M, vocab] in the model's dtype, one row per request
     requests: Sequence[Request],
+    eos_token_ids: Sequence[int] = (),
 ) -> list[tuple[int, float | None]]:
-    """(token id, logprob of it or None) per row."""
+    """(token id, logprob of it or None) per row. eos_token_ids: the model's
+    EOS ids, kept out of reach (with each request's stop_token_ids) until a
+    request has generated min_tokens tokens."""
     params = [r.sampling_params for r in requests]
     want_logprobs = [p.logprobs is not None for p in params]
-    if not any(want_logprobs) and all(p.greedy for p in params):
+    adjusts = any(p.adjusts_logits for p in params)
+    if not adjusts and not any(want_logprobs) and all(p.greedy for p in params):
         # The common case needs neither float32 logits nor a softmax: an
         # argmax in the logits' own dtype (3x faster than convert-then-max on
         # CPU at 64 x 32000; the same index, as bfloat16 widens exactly).
         return [(tok, None) for tok in cpu_kernels.argmax_rows(logits).tolist()]
-    logits = logits.float()
+    # A copy of our own where it will be adjusted in place.
+    logits = logits.to(torch.float32, copy=adjusts)
+    # Before any processing: logprobs are the model's own distribution.
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    if adjusts:
+        adjust_logits_(logits, requests, eos_token_ids)
 
     if all(p.greedy for p in params):
         tokens = cpu_kernels.argmax_rows(logits)
@@ -44,6 +59,112 @@ def sample(
         (tok, chosen[i] if chosen is not None and want_logprobs[i] else None)
         for i, tok in enumerate(token_list)
     ]
+
+
+def adjust_logits_(
+    logits: torch.Tensor,  # [M, vocab] float32, changed in place
+    requests: Sequence[Request],
+    eos_token_ids: Sequence[int] = (),
+) -> None:
+    """Apply each request's min_tokens, logit_bias and penalties to its row
+    (row i is requests[i]'s); rows of requests with none keep their values."""
+    _mask_and_bias(logits, requests, eos_token_ids)
+    _apply_penalties(logits, requests)
+
+
+def _mask_and_bias(logits: torch.Tensor, requests: Sequence[Request], eos: Sequence[int]) -> None:
+    """In place: -inf on EOS and stop tokens of the requests short of
+    min_tokens, then each request's logit_bias added, as one scatter each."""
+    vocab = logits.shape[1]
+    mask_rows: list[int] = []
+    mask_cols: list[int] = []
+    bias_rows: list[int] = []
+    bias_cols: list[int] = []
+    biases: list[float] = []
+    for i, req in enumerate(requests):
+        p = req.sampling_params
+        if not p.adjusts_logits:
+            continue
+        if len(req.output_token_ids) < p.min_tokens:
+            # Ids past the logits (a stop_token_id nobody checked against the
+            # vocabulary) could never be sampled anyway.
+            stops = [t for t in {*p.stop_token_ids, *eos} if t < vocab]
+            mask_rows += [i] * len(stops)
+            mask_cols += stops
+        for tok, bias in p.logit_bias:
+            if tok < vocab:  # the engine rejects larger ids; never index past the row
+                bias_rows.append(i)
+                bias_cols.append(tok)
+                biases.append(bias)
+    dev = logits.device
+    if mask_cols:
+        where = (torch.tensor(mask_rows, device=dev), torch.tensor(mask_cols, device=dev))
+        logits.index_put_(where, torch.tensor(float("-inf"), device=dev))
+    if biases:
+        where = (torch.tensor(bias_rows, device=dev), torch.tensor(bias_cols, device=dev))
+        logits.index_put_(where, torch.tensor(biases, device=dev), accumulate=True)
+
+
+def _apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """In place, on the rows whose request has a penalty: the repetition
+    penalty (on the prompt's and output's tokens only), then frequency and
+    presence (a pass over the vocabulary each, only where some row uses it)."""
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.penalizes]
+    if not rows:
+        return
+    dev, vocab = logits.device, logits.shape[1]
+    params = [requests[i].sampling_params for i in rows]
+    stats = [_token_stats(requests[i], vocab, dev) for i in rows]
+    whole = len(rows) == len(requests)
+    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    x = logits if whole else logits.index_select(0, idx)  # [P, vocab]
+
+    if any(p.repetition_penalty != 1.0 for p in params):
+        unseen = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        seen = torch.stack([s if s is not None else unseen for _, s in stats])  # [P, vocab]
+        r, c = seen.nonzero(as_tuple=True)  # the few tokens it touches
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[r]
+        v = x[r, c]
+        x[r, c] = torch.where(v > 0, v / rep, v * rep)
+    freq = [-p.frequency_penalty for p in params]
+    pres = [-p.presence_penalty for p in params]
+    if any(freq) or any(pres):
+        counts = torch.stack([n for n, _ in stats])  # [P, vocab]
+        if any(freq):
+            x.addcmul_(counts, torch.tensor(freq, device=dev)[:, None])
+        if any(pres):
+            x.addcmul_(counts.clamp_(max=1.0), torch.tensor(pres, device=dev)[:, None])
+    if not whole:
+        logits.index_copy_(0, idx, x)
+
+
+def _token_stats(
+    request: Request, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The request's output token counts and (with a repetition penalty)
+    seen-token mask, kept on the request and caught up with the output
+    tokens added since the last step."""
+    out = request.output_token_ids
+    counts, seen = request.output_token_counts, request.seen_token_mask
+    if counts is None or request.num_counted_output_tokens > len(out):
+        counts = request.output_token_counts = torch.zeros(vocab, device=device)
+        request.num_counted_output_tokens = 0
+        if request.sampling_params.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[torch.tensor(request.prompt_token_ids, dtype=torch.long, device=device)] = True
+            request.seen_token_mask = seen
+    new = out[request.num_counted_output_tokens :]
+    if len(new) == 1:  # the steady state: no index tensor to copy to the device
+        counts[new[0]] += 1
+        if seen is not None:
+            seen[new[0]] = True
+    elif new:
+        ids = torch.tensor(new, dtype=torch.long, device=device)
+        counts.index_put_((ids,), torch.ones(len(new), device=device), accumulate=True)
+        if seen is not None:
+            seen[ids] = True
+    request.num_counted_output_tokens = len(out)
+    return counts, seen
 
 
 def _sample_mixed(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +22,28 @@ class SamplingParams:
     stop_token_ids: token ids that end generation (kept in token_ids, like EOS).
     seed: makes this request's sampling reproducible whatever batch it runs in.
     logprobs: when set (any int >= 0), return the log-probability of each
-        chosen token under the model's unmodified distribution.
+        chosen token under the model's unmodified distribution: the raw
+        logits' log-softmax, before logit_bias, min_tokens, the penalties,
+        temperature, top-k and top-p (vLLM's default "raw_logprobs").
+    presence_penalty: in [-2, 2]; subtracted once from the logit of every
+        token already generated (OpenAI's definition; the prompt is not
+        counted).
+    frequency_penalty: in [-2, 2]; times the number of times a token was
+        already generated, subtracted from its logit (OpenAI's definition).
+    repetition_penalty: > 0, 1 disables it; for every token in the prompt or
+        already generated, a positive logit is divided by it and a negative
+        one multiplied by it (vLLM's definition).
+    min_tokens: while fewer tokens than this have been generated, EOS and
+        stop_token_ids cannot be sampled (EOS is masked even with
+        ignore_eos, as in vLLM). max_tokens still wins when it is smaller.
+    logit_bias: token id -> bias in [-100, 100], added to that token's
+        logit. Given as a dict (or (id, bias) pairs), stored as (id, bias)
+        pairs sorted by id, so the params stay hashable. The engine checks
+        the ids against the vocabulary.
+
+    Logit processing follows vLLM's order: logit_bias and min_tokens on the
+    raw logits, then the repetition, frequency and presence penalties, then
+    temperature, top-k and top-p.
     """
 
     temperature: float = 1.0
@@ -30,6 +55,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    # Derived: whether any of the five fields above is set, so that the
+    # sampler's path for requests with none of them reads one flag.
+    adjusts_logits: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         # Accept the list/str forms users pass to vLLM, store immutable tuples.
@@ -39,7 +72,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
         self._validate()
+        adjusts = self.penalizes or bool(self.logit_bias) or self.min_tokens > 0
+        object.__setattr__(self, "adjusts_logits", adjusts)
 
     def _validate(self) -> None:
         if not self.temperature >= 0.0:
@@ -56,6 +92,15 @@ class SamplingParams:
             raise ValueError("stop_token_ids must hold non-negative integers")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0.0 < rp < math.inf:
+            raise ValueError(f"repetition_penalty must be > 0 and finite, got {rp!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
@@ -64,3 +109,37 @@ class SamplingParams:
     @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether a presence, frequency or repetition penalty applies."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """A dict or (id, bias) pairs as validated (id, bias) pairs sorted by id;
+    a repeated id keeps its last bias, as a dict would."""
+    if not value:
+        return ()
+    try:
+        items = dict(value.items() if isinstance(value, Mapping) else value)
+    except (TypeError, ValueError):
+        raise ValueError("logit_bias must map token ids to biases") from None
+    for tok, bias in items.items():
+        if not _is_int(tok) or tok < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {tok!r}")
+        if not _is_number(bias) or not -100.0 <= bias <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for {tok}")
+    return tuple(sorted((int(tok), float(bias)) for tok, bias in items.items()))

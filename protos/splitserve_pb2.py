@@ -24,41 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10splitserve.proto\x12\rsplitserve.v1\"\xd1\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xec\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\r\x12\x17\n\x0fprefill_address\x18\x08 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\n \x01(\r\"\x0f\n\rStatusRequest\"\xdc\x04\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x0f\n\x07running\x18\t \x01(\r\x12\x0f\n\x07waiting\x18\n \x01(\r\x12\x1d\n\x15waiting_prompt_tokens\x18\x0b \x01(\x04\x12\x13\n\x0b\x61waiting_kv\x18\x0c \x01(\r\x12\x0c\n\x04held\x18\r \x01(\r\x12\x14\n\x0cmetrics_port\x18\x0e \x01(\r\x12\x11\n\tnum_steps\x18\x0f \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x10 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x11 \x01(\x04\x12\x12\n\nvocab_size\x18\x12 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x13 \x01(\r\x12\x14\n\x0c\x63ost_dollars\x18\x14 \x01(\x01\x12\x17\n\x0ftokens_produced\x18\x15 \x01(\x04\x12\x1c\n\x14max_waiting_requests\x18\x16 \x01(\r\x12!\n\x19max_waiting_prompt_tokens\x18\x17 \x01(\x04\x12\r\n\x05\x64type\x18\x18 \x01(\t\x12\x14\n\x0c\x64type_reason\x18\x19 \x01(\t\x12\x1c\n\x14prefix_cache_queries\x18\x1a \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x1b \x01(\x04\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x19\n\x11prefill_addresses\x18\x04 \x03(\t\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_output_tokens\x18\t \x01(\rB\r\n\x0bstop_reason\"u\n\x14PrefillClientMessage\x12\x30\n\x07request\x18\x01 \x01(\x0b\x32\x1d.splitserve.v1.PrefillRequestH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.KvAckH\x00\x42\x06\n\x04kind\"\xeb\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65st_block_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\x12\x13\n\x0breservation\x18\x07 \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\r\"6\n\x05KvAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x9d\x01\n\x14PrefillServerMessage\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.FirstTokenH\x00\x12$\n\x02kv\x18\x02 \x01(\x0b\x32\x16.splitserve.v1.KvChunkH\x00\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.KvDoneH\x00\x42\x06\n\x04kind\"\x91\x01\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x12\n\nnum_layers\x18\x05 \x01(\rB\n\n\x08_logprob\"\x8e\x01\n\x07KvChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\x0b\n\x03key\x18\x06 \x01(\x0c\x12\r\n\x05value\x18\x07 \x01(\x0c\x12\x13\n\x0breservation\x18\x08 \x01(\x04\"C\n\x06KvDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x32\xa2\x01\n\x0c\x44\x65\x63odeWorker\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatus2\xad\x01\n\rPrefillWorker\x12W\n\x07Prefill\x12#.splitserve.v1.PrefillClientMessage\x1a#.splitserve.v1.PrefillServerMessage(\x01\x30\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10splitserve.proto\x12\rsplitserve.v1\"\xe6\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x01\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12@\n\nlogit_bias\x18\x0e \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\".\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xec\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\r\x12\x17\n\x0fprefill_address\x18\x08 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\n \x01(\r\"\x0f\n\rStatusRequest\"\xdc\x04\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x0f\n\x07running\x18\t \x01(\r\x12\x0f\n\x07waiting\x18\n \x01(\r\x12\x1d\n\x15waiting_prompt_tokens\x18\x0b \x01(\x04\x12\x13\n\x0b\x61waiting_kv\x18\x0c \x01(\r\x12\x0c\n\x04held\x18\r \x01(\r\x12\x14\n\x0cmetrics_port\x18\x0e \x01(\r\x12\x11\n\tnum_steps\x18\x0f \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x10 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x11 \x01(\x04\x12\x12\n\nvocab_size\x18\x12 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x13 \x01(\r\x12\x14\n\x0c\x63ost_dollars\x18\x14 \x01(\x01\x12\x17\n\x0ftokens_produced\x18\x15 \x01(\x04\x12\x1c\n\x14max_waiting_requests\x18\x16 \x01(\r\x12!\n\x19max_waiting_prompt_tokens\x18\x17 \x01(\x04\x12\r\n\x05\x64type\x18\x18 \x01(\t\x12\x14\n\x0c\x64type_reason\x18\x19 \x01(\t\x12\x1c\n\x14prefix_cache_queries\x18\x1a \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x1b \x01(\x04\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x19\n\x11prefill_addresses\x18\x04 \x03(\t\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\"\xb2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_output_tokens\x18\t \x01(\r\x12\x30\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x1a.splitserve.v1.TopLogprobsB\r\n\x0bstop_reason\"u\n\x14PrefillClientMessage\x12\x30\n\x07request\x18\x01 \x01(\x0b\x32\x1d.splitserve.v1.PrefillRequestH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.KvAckH\x00\x42\x06\n\x04kind\"\xeb\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65st_block_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\x12\x13\n\x0breservation\x18\x07 \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\r\"6\n\x05KvAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x9d\x01\n\x14PrefillServerMessage\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.FirstTokenH\x00\x12$\n\x02kv\x18\x02 \x01(\x0b\x32\x16.splitserve.v1.KvChunkH\x00\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.KvDoneH\x00\x42\x06\n\x04kind\"\xc3\x01\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x30\n\x0ctop_logprobs\x18\x06 \x01(\x0b\x32\x1a.splitserve.v1.TopLogprobsB\n\n\x08_logprob\"\x8e\x01\n\x07KvChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\x0b\n\x03key\x18\x06 \x01(\x0c\x12\r\n\x05value\x18\x07 \x01(\x0c\x12\x13\n\x0breservation\x18\x08 \x01(\x04\"C\n\x06KvDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x32\xa2\x01\n\x0c\x44\x65\x63odeWorker\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatus2\xad\x01\n\rPrefillWorker\x12W\n\x07Prefill\x12#.splitserve.v1.PrefillClientMessage\x1a#.splitserve.v1.PrefillServerMessage(\x01\x30\x01\x12\x43\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1b.splitserve.v1.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=36
-  _globals['_SAMPLINGPARAMS']._serialized_end=245
-  _globals['_TIMINGS']._serialized_start=248
-  _globals['_TIMINGS']._serialized_end=484
-  _globals['_STATUSREQUEST']._serialized_start=486
-  _globals['_STATUSREQUEST']._serialized_end=501
-  _globals['_WORKERSTATUS']._serialized_start=504
-  _globals['_WORKERSTATUS']._serialized_end=1108
-  _globals['_GENERATEREQUEST']._serialized_start=1111
-  _globals['_GENERATEREQUEST']._serialized_end=1283
-  _globals['_GENERATERESPONSE']._serialized_start=1286
-  _globals['_GENERATERESPONSE']._serialized_end=1542
-  _globals['_PREFILLCLIENTMESSAGE']._serialized_start=1544
-  _globals['_PREFILLCLIENTMESSAGE']._serialized_end=1661
-  _globals['_PREFILLREQUEST']._serialized_start=1664
-  _globals['_PREFILLREQUEST']._serialized_end=1899
-  _globals['_KVACK']._serialized_start=1901
-  _globals['_KVACK']._serialized_end=1955
-  _globals['_PREFILLSERVERMESSAGE']._serialized_start=1958
-  _globals['_PREFILLSERVERMESSAGE']._serialized_end=2115
-  _globals['_FIRSTTOKEN']._serialized_start=2118
-  _globals['_FIRSTTOKEN']._serialized_end=2263
-  _globals['_KVCHUNK']._serialized_start=2266
-  _globals['_KVCHUNK']._serialized_end=2408
-  _globals['_KVDONE']._serialized_start=2410
-  _globals['_KVDONE']._serialized_end=2477
-  _globals['_DECODEWORKER']._serialized_start=2480
-  _globals['_DECODEWORKER']._serialized_end=2642
-  _globals['_PREFILLWORKER']._serialized_start=2645
-  _globals['_PREFILLWORKER']._serialized_end=2818
+  _globals['_SAMPLINGPARAMS']._serialized_end=522
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=452
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=500
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=524
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=570
+  _globals['_TOPLOGPROBS']._serialized_start=572
+  _globals['_TOPLOGPROBS']._serialized_end=622
+  _globals['_TIMINGS']._serialized_start=625
+  _globals['_TIMINGS']._serialized_end=861
+  _globals['_STATUSREQUEST']._serialized_start=863
+  _globals['_STATUSREQUEST']._serialized_end=878
+  _globals['_WORKERSTATUS']._serialized_start=881
+  _globals['_WORKERSTATUS']._serialized_end=1485
+  _globals['_GENERATEREQUEST']._serialized_start=1488
+  _globals['_GENERATEREQUEST']._serialized_end=1660
+  _globals['_GENERATERESPONSE']._serialized_start=1663
+  _globals['_GENERATERESPONSE']._serialized_end=1969
+  _globals['_PREFILLCLIENTMESSAGE']._serialized_start=1971
+  _globals['_PREFILLCLIENTMESSAGE']._serialized_end=2088
+  _globals['_PREFILLREQUEST']._serialized_start=2091
+  _globals['_PREFILLREQUEST']._serialized_end=2326
+  _globals['_KVACK']._serialized_start=2328
+  _globals['_KVACK']._serialized_end=2382
+  _globals['_PREFILLSERVERMESSAGE']._serialized_start=2385
+  _globals['_PREFILLSERVERMESSAGE']._serialized_end=2542
+  _globals['_FIRSTTOKEN']._serialized_start=2545
+  _globals['_FIRSTTOKEN']._serialized_end=2740
+  _globals['_KVCHUNK']._serialized_start=2743
+  _globals['_KVCHUNK']._serialized_end=2885
+  _globals['_KVDONE']._serialized_start=2887
+  _globals['_KVDONE']._serialized_end=2954
+  _globals['_DECODEWORKER']._serialized_start=2957
+  _globals['_DECODEWORKER']._serialized_end=3119
+  _globals['_PREFILLWORKER']._serialized_start=3122
+  _globals['_PREFILLWORKER']._serialized_end=3295
 # @@protoc_insertion_point(module_scope)

@@ -81,7 +81,9 @@ async def run_request(
     request whose worker fails mid-stream moves up to `migration_limit` times."""
     params = params or prepared.params
     call = DecodeCall(pool, metrics, request_id, prepared.prompt_ids, params, migration_limit)
-    asm = TextAssembler(served.tokenizer, params.stop, logprobs=prepared.logprobs)
+    asm = TextAssembler(
+        served.tokenizer, params.stop, logprobs=prepared.logprobs, min_tokens=params.min_tokens
+    )
     first_at: float | None = None
     last_at = arrival
     first_timings: pb.Timings | None = None

@@ -99,9 +99,6 @@ def _check_common(req: CompletionRequest | ChatCompletionRequest, served: Served
         )
     if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
         raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {req.n}", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0):
-            raise bad_request(f"{name} is not supported (only 0)", param=name)
 
 
 def _prepare(
@@ -176,6 +173,9 @@ def _sampling(
     top_k = req.top_k if req.top_k is not None else 0
     if top_k > _INT32_MAX:
         raise bad_request(f"top_k must be <= {_INT32_MAX}", param="top_k")
+    min_tokens = req.min_tokens or 0
+    if min_tokens > _INT32_MAX:
+        raise bad_request(f"min_tokens must be <= {_INT32_MAX}", param="min_tokens")
     try:
         return SamplingParams(
             temperature=float(req.temperature) if req.temperature is not None else 1.0,
@@ -187,7 +187,27 @@ def _sampling(
             stop_token_ids=tuple(stop_ids),
             seed=req.seed,
             logprobs=0 if logprobs else None,
+            presence_penalty=float(req.presence_penalty or 0.0),
+            frequency_penalty=float(req.frequency_penalty or 0.0),
+            repetition_penalty=(
+                float(req.repetition_penalty) if req.repetition_penalty is not None else 1.0
+            ),
+            min_tokens=min_tokens,
+            logit_bias=_logit_bias(req.logit_bias, served.vocab_size),
         )
     except ValueError as e:
         # SamplingParams' messages start with the field's name.
         raise bad_request(str(e), param=str(e).split(" ", 1)[0]) from None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias (token ids as JSON object keys) as (id, bias) pairs."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdecimal() or not 0 <= int(key) < vocab_size:
+            raise bad_request(
+                f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                param="logit_bias",
+            )
+        out[int(key)] = float(value)
+    return tuple(sorted(out.items()))

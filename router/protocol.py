@@ -39,7 +39,6 @@ FIELD_EXPECTS = {
 # which OpenAI clients send for any unset field). A value is accepted when it
 # equals one of these and has the same JSON type (so `true` is not `1`).
 _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
-    "logit_bias": ({},),
     "response_format": ({"type": "text"},),
     "tools": ([],),  # before tool_choice: a request with tools is refused for them
     "tool_choice": ("none", "auto"),  # "auto" without tools calls none
@@ -53,9 +52,7 @@ _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
     "web_search_options": (),
     # vLLM's sampling extensions that clients of vLLM send:
     "min_p": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
     "length_penalty": (1, 1.0),
-    "min_tokens": (0,),
     "use_beam_search": (False,),
     "prompt_logprobs": (),
     "guided_json": (),
@@ -104,8 +101,11 @@ class _SamplingFields(_Body):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None  # choices, 1-16
-    presence_penalty: Number | None = None  # 0 only
-    frequency_penalty: Number | None = None  # 0 only
+    presence_penalty: Number | None = None  # [-2, 2]
+    frequency_penalty: Number | None = None  # [-2, 2]
+    repetition_penalty: Number | None = None  # vLLM extension: > 0, 1 is off
+    min_tokens: StrictInt | None = None  # vLLM extension
+    logit_bias: dict[StrictStr, Number] | None = None  # token id (as a string) -> bias
 
 
 class CompletionRequest(_SamplingFields):

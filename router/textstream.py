@@ -36,9 +36,12 @@ class TokenInfo:
 class TextAssembler:
     """One request's output text, built token by token (O(1) work per token)."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...], *, logprobs: bool) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: tuple[str, ...], *, logprobs: bool, min_tokens: int = 0
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens  # no stop string ends the text before this many tokens
         self.hold = max(0, max((len(s) for s in stop), default=0) - 1)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.token_ids: list[int] = []
@@ -65,7 +68,7 @@ class TextAssembler:
         if self.want_logprobs:
             text = str(self.tokenizer.decode([token_id], skip_special_tokens=False))
             self._tokens.append(TokenInfo(token_id, text, logprob, offset))
-        if new and check_stop and self.stop:
+        if new and check_stop and self.stop and len(self.token_ids) > self.min_tokens:
             hit = find_stop(self.detok.text, len(new), self.stop)
             if hit is not None:
                 # Hold-back keeps the cut at or after what was emitted: the

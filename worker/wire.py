@@ -17,6 +17,11 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
         ignore_eos=p.ignore_eos,
         stop=list(p.stop),
         stop_token_ids=list(p.stop_token_ids),
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        min_tokens=p.min_tokens,
+        logit_bias=dict(p.logit_bias),
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -37,4 +42,9 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         seed=msg.seed if msg.HasField("seed") else None,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty or 1.0,
+        min_tokens=msg.min_tokens,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
     )

@@ -4,6 +4,7 @@ gives the same output on both, and the one a single request defines."""
 
 from __future__ import annotations
 
+from engine import SamplingParams
 from tests.cluster import ServeCluster
 from tests.e2e.api import client, model_name
 
@@ -76,3 +77,51 @@ def test_best_of_answers_the_likeliest_of_its_choices(disagg, colocated):
         assert [c.text for c in r.choices] == [want]
         assert r.choices[0].logprobs is None  # not asked for
         assert r.usage.completion_tokens == 3 * 12
+
+
+def test_penalties_and_logit_bias_equal_the_offline_engine(disagg, colocated, offline):
+    """Penalties and a logit bias cross the wire (to the prefill worker, which
+    samples the first token, and to the decode worker) and give what the
+    offline engine gives."""
+    kw = {
+        "presence_penalty": 0.8,
+        "frequency_penalty": 0.6,
+        "logit_bias": {"17": 4.0, "42": -100.0},
+        "extra_body": {"repetition_penalty": 1.3},
+    }
+    want = offline.generate(
+        [PROMPT],
+        SamplingParams(
+            temperature=0,
+            max_tokens=24,
+            ignore_eos=True,
+            presence_penalty=0.8,
+            frequency_penalty=0.6,
+            repetition_penalty=1.3,
+            logit_bias={17: 4.0, 42: -100.0},
+        ),
+        use_tqdm=False,
+    )[0]
+    plain = completion(disagg, max_tokens=24, temperature=0).choices[0].text
+    assert want.text != plain  # the parameters change the output
+    for cluster in (disagg, colocated):
+        assert completion(cluster, max_tokens=24, temperature=0, **kw).choices[0].text == want.text
+
+
+def test_min_tokens_holds_back_eos(disagg, colocated, offline):
+    """EOS biased to the top: it ends the output at once, unless min_tokens
+    masks it for that many tokens."""
+    eos = offline.engine.eos_token_ids[0]
+    bias = {str(eos): 100.0}
+    for cluster in (disagg, colocated):
+        eos_ends = {"ignore_eos": False}
+        r = completion(cluster, max_tokens=20, temperature=0, logit_bias=bias, extra_body=eos_ends)
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+        r = completion(
+            cluster,
+            max_tokens=20,
+            temperature=0,
+            logit_bias=bias,
+            extra_body={"min_tokens": 6, **eos_ends},
+        )
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 7

@@ -90,7 +90,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str]] = [
     ("token-id-bool", C, {"prompt": [True]}, 400, "prompt", "must be"),
     ("batched", C, {"prompt": ["a", "b"]}, 400, "prompt", "batched prompts are not supported"),
     ("echo", C, {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
-    ("penalty", C, {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", ""),
+    ("penalty", C, {"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty", "[-2, 2]"),
     ("top-p-zero", C, {"prompt": "hi", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ("top-p-big", C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ("temperature-negative", C, {"prompt": "hi", "temperature": -0.5}, 400, "temperature", ""),

@@ -82,8 +82,6 @@ def test_a_surrogate_pair_is_valid_unicode(router):
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
-    ("logit-bias", C, {"prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias"),
-    ("chat-logit-bias", CHAT, {"messages": USER, "logit_bias": {"5": -100}}, "logit_bias"),
     (
         "response-format-json",
         CHAT,
@@ -126,16 +124,24 @@ UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
     ("suffix", C, {"prompt": "hi", "suffix": "end"}, "suffix"),
     ("logprobs-top-5", C, {"prompt": "hi", "logprobs": 5}, "logprobs"),
     ("top-logprobs", CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 3}, "top_logprobs"),
-    ("presence-penalty", C, {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
-    ("frequency-penalty", CHAT, {"messages": USER, "frequency_penalty": -1}, "frequency_penalty"),
+    ("presence-penalty-range", C, {"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    (
+        "frequency-penalty-range",
+        CHAT,
+        {"messages": USER, "frequency_penalty": -3},
+        "frequency_penalty",
+    ),
+    ("logit-bias-key", C, {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("logit-bias-past-vocab", C, {"prompt": "hi", "logit_bias": {"999999": 1}}, "logit_bias"),
+    ("logit-bias-range", CHAT, {"messages": USER, "logit_bias": {"5": 101}}, "logit_bias"),
     ("audio", CHAT, {"messages": USER, "audio": {"voice": "x", "format": "wav"}}, "audio"),
     ("modalities", CHAT, {"messages": USER, "modalities": ["text", "audio"]}, "modalities"),
     ("prediction", CHAT, {"messages": USER, "prediction": {"type": "content"}}, "prediction"),
     ("reasoning-effort", CHAT, {"messages": USER, "reasoning_effort": "high"}, "reasoning_effort"),
     ("web-search", CHAT, {"messages": USER, "web_search_options": {}}, "web_search_options"),
     ("min-p", C, {"prompt": "hi", "min_p": 0.1}, "min_p"),
-    ("repetition-penalty", C, {"prompt": "hi", "repetition_penalty": 1.3}, "repetition_penalty"),
-    ("min-tokens", C, {"prompt": "hi", "min_tokens": 4}, "min_tokens"),
+    ("repetition-penalty-zero", C, {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ("min-tokens-negative", C, {"prompt": "hi", "min_tokens": -1}, "min_tokens"),
     ("beam-search", C, {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
     ("guided-json", C, {"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
     (

@@ -67,6 +67,18 @@ def test_stop_string_truncates_text_and_stops(llm, prompt):
     assert_engine_clean(llm)
 
 
+def test_no_stop_string_ends_the_output_before_min_tokens(llm):
+    """As for EOS, a stop string completed by one of the first min_tokens
+    tokens does not end the request (vLLM's rule)."""
+    prompt = PROMPTS[0]
+    base = llm.generate(prompt, greedy(), use_tqdm=False)[0]
+    s, i = pick_stop_string(base.text)
+    k = completing_token(llm, base.token_ids, i + len(s))
+    out = llm.generate(prompt, greedy(stop=[s], min_tokens=k + 1), use_tqdm=False)[0]
+    assert len(out.token_ids) > k + 1  # token k + 1 completed it, within min_tokens
+    assert out.text.startswith(base.text[: i + len(s)])
+
+
 def test_earliest_of_several_stop_strings_wins(llm):
     base = llm.generate(PROMPTS[0], greedy(), use_tqdm=False)[0]
     s, i = pick_stop_string(base.text)

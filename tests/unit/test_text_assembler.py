@@ -50,6 +50,16 @@ def test_text_that_may_begin_a_stop_string_is_held_back_then_cut(tok):
     assert sent + rest == "one two three "  # nothing of the stop string, nothing after it
 
 
+def test_no_stop_string_ends_the_text_before_min_tokens(tok):
+    ids = ids_of(tok, "one STOP two STOP three")
+    asm = TextAssembler(tok, ("STOP",), logprobs=False, min_tokens=8)
+    first_stop = next(k for k in range(len(ids)) if "STOP" in tok.decode(ids[: k + 1]))
+    assert first_stop < 8  # the first one is within min_tokens: not a stop
+    sent = "".join(stream(asm, ids))
+    rest, _ = asm.finish()
+    assert sent + rest == "one STOP two "
+
+
 def test_a_stop_string_split_across_tokens_is_found(tok):
     text = "alpha beta gamma delta"
     ids = ids_of(tok, text)
