@@ -214,6 +214,12 @@ class AsyncEngine:
         self._mailbox.submit(command, fail)
         return await fut
 
+    def _wake_when_compiled(self, request: Request) -> None:
+        """A request waits in the queue until its grammar is compiled: wake
+        the engine thread then, not at its next timeout."""
+        if request.grammar is not None and not request.grammar.done():
+            request.grammar.add_done_callback(lambda _: self._mailbox.wake.set())
+
     def add_request(self, request: Request) -> asyncio.Queue[TokenDelta]:
         """Queue a request for the engine; its tokens arrive on the returned queue.
 
@@ -223,6 +229,7 @@ class AsyncEngine:
         q: asyncio.Queue[TokenDelta] = asyncio.Queue()
         rid = request.request_id
         already_sent = len(request.output_token_ids)
+        self._wake_when_compiled(request)
 
         def command() -> None:
             if rid in self._state.live:
@@ -244,6 +251,8 @@ class AsyncEngine:
         `to_fill` blocks are then written with write_kv), or None when the
         pool stayed full for `wait_s` seconds (retried whenever blocks are
         freed)."""
+
+        self._wake_when_compiled(request)
 
         def reserve(engine: LLMEngine) -> KvReservation | None:
             reservation = engine.reserve_remote(request)

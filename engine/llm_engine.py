@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from engine import sampler
@@ -17,8 +19,9 @@ from engine.model.loader import weight_files
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineSnapshot, RequestOutput, StepResult
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import GuidedSpec, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
+from engine.structured_output import CompiledGrammar, StructuredOutputCompiler, validate_spec
 
 log = logging.getLogger("splitserve")
 
@@ -47,7 +50,23 @@ class LLMEngine:
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+        self._grammars: StructuredOutputCompiler | None = None  # made at the first guided request
+        self._grammars_lock = threading.Lock()
         self._log_capacity()
+
+    def compile_grammar(self, spec: GuidedSpec) -> Future[CompiledGrammar]:
+        """The spec compiled for this engine's tokenizer and vocabulary, on the
+        compiler's thread (cached by spec); ValueError at once for a spec
+        the grammar library refuses. Any thread may call it."""
+        validate_spec(spec)
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = StructuredOutputCompiler(
+                    self.tokenizer,
+                    vocab_size=self.model_config.vocab_size,
+                    stop_token_ids=self.eos_token_ids,
+                )
+        return self._grammars.compile(spec)
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = list(self.model_config.eos_token_ids)
@@ -118,6 +137,8 @@ class LLMEngine:
         req = Request(rid, ids, params, prompt=text)
         if arrival_time is not None:
             req.arrival_time = arrival_time
+        if params.structured_output is not None:
+            req.grammar = self.compile_grammar(params.structured_output)
         return req
 
     def add_request(self, request: Request) -> None:

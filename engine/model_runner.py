@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import sampler
+from engine import sampler, structured_output
 from engine.config import EngineConfig, ModelConfig
 from engine.model.llama import AttentionBatch, DecodeAttentionFn, PrefillChunk
 from engine.model.loader import load_model
+from engine.request import Request
 from engine.scheduler import ScheduledRequest
 
 log = logging.getLogger("splitserve")
@@ -143,9 +144,14 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logit_rows])
             t2 = time.perf_counter()
             reqs = [scheduled[i].request for i in inputs.sampled]
+            guided = [j for j, r in enumerate(reqs) if r.grammar is not None]
+            if guided:
+                _mask_by_grammar(logits, reqs, guided)
             samples = sampler.sample(logits, reqs, self.eos_token_ids)
             for i, sample in zip(inputs.sampled, samples, strict=True):
                 results[i] = sample
+            for j in guided:
+                _advance_grammar(reqs[j], samples[j][0])
             t3 = time.perf_counter()
         self.timings.prepare_s += t1 - t0
         self.timings.forward_s += t2 - t1
@@ -219,3 +225,25 @@ def _pad_tables(tables: list[Sequence[int]], device: torch.device) -> torch.Tens
     return torch.tensor(
         [list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device
     )
+
+
+def _mask_by_grammar(logits: torch.Tensor, reqs: Sequence[Request], rows: list[int]) -> None:
+    """Forbid, in the given rows, the tokens their requests' grammars do not
+    allow next (before any other logit processing, as vLLM does: logprobs see
+    the mask). A request's matcher is made at its first sampling here, from
+    the tokens it already has (a decode worker taking over after the prefill
+    worker's first token, a migrated request)."""
+    matchers = []
+    for j in rows:
+        req = reqs[j]
+        if req.matcher is None:
+            assert req.grammar is not None and req.grammar.done(), "admitted before compiled"
+            req.matcher = req.grammar.result().matcher(req.output_token_ids)
+        matchers.append(req.matcher)
+    structured_output.apply_token_masks(logits, rows, matchers)
+
+
+def _advance_grammar(req: Request, token: int) -> None:
+    if not req.matcher.accept(token):
+        # Only a token the mask allowed can be sampled: a bug if it happens.
+        log.error("request %s: sampled token %d breaks its grammar", req.request_id, token)

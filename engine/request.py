@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -78,6 +80,17 @@ class Request:
     output_token_counts: torch.Tensor | None = None
     num_counted_output_tokens: int = 0
     seen_token_mask: torch.Tensor | None = None
+    # Structured output (engine/structured_output.py): the grammar compiling
+    # off the engine thread (set by the engine; the scheduler admits the
+    # request once it is done), then its position in the grammar (set by
+    # the model runner at its first sampling, from the tokens so far).
+    grammar: Future[Any] | None = None
+    matcher: Any = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the scheduler may admit it (its grammar, if any, compiled)."""
+        return self.grammar is None or self.grammar.done()
 
     @property
     def num_prompt_tokens(self) -> int:

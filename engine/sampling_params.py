@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# What a structured output may be (engine/structured_output.py compiles them).
+KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class GuidedSpec:
+    """What the output must match; hashable, and two strings on the wire.
+    Defined here, free of the grammar library, so the router can build one.
+
+    kind: one of KINDS. spec: the JSON schema's text (json_schema), the regex (regex), the
+    choices as a JSON list of strings (choice), an EBNF grammar in xgrammar's GBNF dialect
+    (grammar); empty for json_object (any JSON object).
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown guided decoding kind {self.kind!r}; expected one of {KINDS}")
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | str) -> GuidedSpec:
+        """Canonical text (compact, key order kept: it is the output's property order), so
+        equal schemas share a cache entry."""
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        try:
+            text = json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid JSON schema: not JSON ({e})") from None
+        return cls("json_schema", text)
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> GuidedSpec:
+        return cls("choice", json.dumps(list(choices), ensure_ascii=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +78,11 @@ class SamplingParams:
         pairs sorted by id, so the params stay hashable. The engine checks
         the ids against the vocabulary.
 
+    structured_output: a grammar the output must follow (JSON, a JSON
+        schema, a regex, a choice): tokens it forbids are masked before
+        sampling, and the request stops (with EOS) once the grammar is
+        complete, even with ignore_eos.
+
     Logit processing follows vLLM's order: logit_bias and min_tokens on the
     raw logits, then the repetition, frequency and presence penalties, then
     temperature, top-k and top-p.
@@ -60,6 +102,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    structured_output: GuidedSpec | None = None
     # Derived: whether any of the five fields above is set, so that the
     # sampler's path for requests with none of them reads one flag.
     adjusts_logits: bool = field(init=False, repr=False, compare=False, default=False)
@@ -101,6 +144,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 and finite, got {rp!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.structured_output is not None and self.min_tokens > 0:
+            # A complete grammar allows only EOS, which min_tokens would forbid.
+            raise ValueError("min_tokens cannot be combined with a structured output")
 
     @property
     def greedy(self) -> bool:

@@ -235,8 +235,9 @@ class Scheduler:
         return bool(self.requests)
 
     def has_schedulable(self) -> bool:
-        """Requests that a step could work on (not those waiting for remote KV)."""
-        return len(self.requests) > len(self.awaiting_kv)
+        """Requests that a step could work on (not those waiting for remote KV
+        or for their grammar to compile)."""
+        return bool(self.running) or any(r.ready for r in self.waiting)
 
     @property
     def num_pinned_blocks(self) -> int:
@@ -272,7 +273,12 @@ class Scheduler:
         # step, unless nothing is left running: then admission must go on now.
         if not out.preempted or not out.scheduled:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
+                # First come, first served, among requests whose grammar is
+                # compiled (compiling must not hold up the queue).
+                head = next((r for r in self.waiting if r.ready), None)
+                if head is None:
+                    break
+                req = head
                 prefix = self._cached_prefix(req)
                 computed = len(prefix) * self.pool.block_size or req.num_computed_tokens
                 n = min(req.num_tokens - computed, budget)
@@ -281,7 +287,10 @@ class Scheduler:
                     not self.running and self._make_room(req, target, out.preempted, prefix)
                 ):
                     break  # FCFS: nobody overtakes the head of the queue
-                self.waiting.popleft()
+                if req is self.waiting[0]:
+                    self.waiting.popleft()
+                else:
+                    self.waiting.remove(req)
                 # A request whose KV came from elsewhere holds its blocks: no lookup.
                 looked_up = self.pool.enable_caching and not self.pool.block_table(req.request_id)
                 self.pool.allocate(req.request_id, target, prefix)
@@ -405,7 +414,8 @@ class Scheduler:
         if token in params.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-        if not params.ignore_eos and token in eos_token_ids:
+        if token in eos_token_ids and (not params.ignore_eos or params.structured_output):
+            # A complete grammar allows only EOS: it ends a guided request.
             return RequestStatus.FINISHED_STOPPED
         if (
             req.num_output_tokens >= params.max_tokens

@@ -26,6 +26,8 @@ from router.protocol import (
     ChatMessage,
     CompletionRequest,
     Endpoint,
+    JsonSchemaFormat,
+    ResponseFormat,
     StreamOptions,
     TextPart,
     is_unset,
@@ -164,7 +166,15 @@ def _unsupported(name: str) -> APIError:
 
 _FIELD_NAMES = frozenset(
     name
-    for cls in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
+    for cls in (
+        CompletionRequest,
+        ChatCompletionRequest,
+        ChatMessage,
+        TextPart,
+        StreamOptions,
+        ResponseFormat,
+        JsonSchemaFormat,
+    )
     for name in cls.model_fields
 )
 

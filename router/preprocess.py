@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import GuidedSpec, SamplingParams
 from router.body import check_unsupported, parse_as, parse_json
 from router.errors import APIError, bad_request
 from router.prompt_ids import chat_prompt_ids, completion_prompt_ids
@@ -194,6 +194,7 @@ def _sampling(
             ),
             min_tokens=min_tokens,
             logit_bias=_logit_bias(req.logit_bias, served.vocab_size),
+            structured_output=_structured_output(req),
         )
     except ValueError as e:
         # SamplingParams' messages start with the field's name.
@@ -211,3 +212,38 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[i
             )
         out[int(key)] = float(value)
     return tuple(sorted(out.items()))
+
+
+def _structured_output(req: CompletionRequest | ChatCompletionRequest) -> GuidedSpec | None:
+    """The grammar the output must follow, from response_format or vLLM's
+    guided_* fields (one of them at most). Whether the grammar library
+    supports the schema is the worker's to say (a 400 naming the feature)."""
+    given = {
+        name: value
+        for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
+        if (value := getattr(req, name)) is not None
+        and not (name == "response_format" and value.type == "text")
+    }
+    if len(given) > 1:
+        names = " and ".join(sorted(given))
+        raise bad_request(f"{names} both constrain the output: send one", param=min(given))
+    if not given:
+        return None
+    ((name, value),) = given.items()
+    try:
+        if name == "guided_regex":
+            return GuidedSpec("regex", value)
+        if name == "guided_choice":
+            if not value:
+                raise ValueError("guided_choice must hold at least one choice")
+            return GuidedSpec.choice(value)
+        if name == "guided_json":
+            return GuidedSpec.json_schema(value)
+        if value.type == "json_object":
+            return GuidedSpec("json_object")
+        fmt = value.json_schema
+        if fmt is None or fmt.schema_ is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return GuidedSpec.json_schema(fmt.schema_)
+    except ValueError as e:
+        raise bad_request(str(e), param=name) from None

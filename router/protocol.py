@@ -32,6 +32,7 @@ FIELD_EXPECTS = {
     "prompt": "a string, a list of token ids, or a list holding one of those",
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts",
+    "guided_json": "a JSON schema (an object, or a string holding one)",
 }
 
 
@@ -39,7 +40,6 @@ FIELD_EXPECTS = {
 # which OpenAI clients send for any unset field). A value is accepted when it
 # equals one of these and has the same JSON type (so `true` is not `1`).
 _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
-    "response_format": ({"type": "text"},),
     "tools": ([],),  # before tool_choice: a request with tools is refused for them
     "tool_choice": ("none", "auto"),  # "auto" without tools calls none
     "functions": ([],),
@@ -55,9 +55,6 @@ _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
     "length_penalty": (1, 1.0),
     "use_beam_search": (False,),
     "prompt_logprobs": (),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
     "guided_grammar": (),
     "structured_outputs": (),
 }
@@ -86,6 +83,18 @@ class StreamOptions(_Body):
     include_usage: StrictBool | None = None
 
 
+class JsonSchemaFormat(_Body):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # with type json_schema
+
+
 class _SamplingFields(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -106,6 +115,11 @@ class _SamplingFields(_Body):
     repetition_penalty: Number | None = None  # vLLM extension: > 0, 1 is off
     min_tokens: StrictInt | None = None  # vLLM extension
     logit_bias: dict[StrictStr, Number] | None = None  # token id (as a string) -> bias
+    # Structured output: one of these (the guided_* are vLLM's extensions).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None  # a JSON schema
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
 
 
 class CompletionRequest(_SamplingFields):

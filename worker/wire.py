@@ -4,7 +4,7 @@ Needs no torch: the router imports it."""
 
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import GuidedSpec, SamplingParams
 from protos import splitserve_pb2 as pb
 
 
@@ -23,6 +23,9 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
         min_tokens=p.min_tokens,
         logit_bias=dict(p.logit_bias),
     )
+    if p.structured_output is not None:
+        msg.structured_output.kind = p.structured_output.kind
+        msg.structured_output.spec = p.structured_output.spec
     if p.seed is not None:
         msg.seed = p.seed
     if p.logprobs is not None:
@@ -47,4 +50,9 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=msg.repetition_penalty or 1.0,
         min_tokens=msg.min_tokens,
         logit_bias=tuple(sorted(msg.logit_bias.items())),
+        structured_output=(
+            GuidedSpec(msg.structured_output.kind, msg.structured_output.spec)
+            if msg.structured_output.kind
+            else None
+        ),
     )

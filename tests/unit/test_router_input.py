@@ -83,17 +83,18 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
     (
-        "response-format-json",
-        CHAT,
-        {"messages": USER, "response_format": {"type": "json_object"}},
-        "response_format",
-    ),
-    (
-        "response-format-schema",
+        "response-format-schema-missing",
         CHAT,
         {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {}}},
         "response_format",
     ),
+    (
+        "two-structured-outputs",
+        C,
+        {"prompt": "hi", "guided_json": {"type": "object"}, "guided_regex": "a+"},
+        "guided_json",
+    ),
+    ("guided-choice-empty", C, {"prompt": "hi", "guided_choice": []}, "guided_choice"),
     ("tools", CHAT, {"messages": USER, "tools": [TOOL]}, "tools"),
     (
         "tools-required",
@@ -143,7 +144,7 @@ UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
     ("repetition-penalty-zero", C, {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ("min-tokens-negative", C, {"prompt": "hi", "min_tokens": -1}, "min_tokens"),
     ("beam-search", C, {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
-    ("guided-json", C, {"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
+    ("guided-json-number", C, {"prompt": "hi", "guided_json": 5}, "guided_json"),
     (
         "tool-calls-in-history",
         CHAT,
