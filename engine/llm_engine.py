@@ -191,12 +191,14 @@ class LLMEngine:
 
     def run_step(self) -> StepResult:
         """One iteration, and what it did."""
+        # Before scheduling: a grammar may finish compiling meanwhile.
+        schedulable = self.scheduler.has_schedulable()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             # Nothing to run is fine only while blocks are pinned by events
             # from outside (KV arriving, held KV being acknowledged): those
             # end in bounded time. Otherwise the scheduler broke its invariant.
-            if self.scheduler.has_schedulable() and not self.scheduler.num_pinned_blocks:
+            if schedulable and not self.scheduler.num_pinned_blocks:
                 raise AssertionError(
                     f"scheduler made no progress with nothing pinned: {self.block_pool}, "
                     f"{len(self.scheduler.waiting)} waiting"
