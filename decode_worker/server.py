@@ -32,7 +32,7 @@ from decode_worker.metrics import DecodeMetrics
 from decode_worker.options import DecodeOptions
 from engine.async_engine import AsyncEngine
 from engine.kv_access import KvReservation
-from engine.outputs import RequestOutput, TokenDelta
+from engine.outputs import RequestOutput, TokenDelta, TopLogprobs
 from engine.request import Request
 from kvtransfer.base import KvReceiver
 from kvtransfer.fetch import FirstToken, PrefillEvent, PrefillResult, PrefillTransport
@@ -210,7 +210,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                         )
             else:
                 queue = self.aengine.add_request(req)
-            async for message in self._stream(rid, queue, progress, result, context):
+            top = bool(params.logprobs)  # each token's alternatives go out too
+            async for message in self._stream(rid, queue, progress, result, context, top):
                 yield message
             outcome = "ok"
         finally:
@@ -325,6 +326,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         msg = pb.GenerateResponse(request_id=rid, token_ids=[first.token_id], timings=timings)
         if req.sampling_params.logprobs is not None and first.logprob is not None:
             msg.logprobs.append(first.logprob)
+            if req.sampling_params.logprobs and first.top_logprobs is not None:
+                msg.top_logprobs.append(first.top_logprobs)
         return msg
 
     async def _stream(
@@ -334,7 +337,10 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         progress: _Progress,
         result: PrefillResult,
         context: grpc.aio.ServicerContext,
+        top: bool,
     ) -> AsyncIterator[pb.GenerateResponse]:
+        """The engine's tokens (with each one's top alternatives when `top`),
+        several per message when the router lags."""
         msg = pb.GenerateResponse(request_id=rid)
         while True:
             deltas = [await queue.get()]
@@ -348,6 +354,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, delta.error)
                 msg.token_ids.extend(delta.token_ids)
                 msg.logprobs.extend(delta.logprobs)
+                if top:
+                    msg.top_logprobs.extend(_top_pb(t) for t in delta.top_logprobs)
                 finished = delta.finished or finished
             self._observe_tokens(len(msg.token_ids) - before, progress)
             if finished is not None:
@@ -419,6 +427,10 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         if out.scheduled_time is not None:
             ready = out.arrival_time if first is None else (progress.first_token_time or now)
             self.metrics.queue_seconds.observe(max(0.0, out.scheduled_time - ready))
+
+
+def _top_pb(top: TopLogprobs) -> pb.TopLogprobs:
+    return pb.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
 
 
 def _gap(start: float | None, end: float | None) -> float:

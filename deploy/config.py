@@ -110,6 +110,9 @@ class Router(_Strict):
         ge=0,
         description="prefill on the decode worker when it lacks at most this many prompt tokens",
     )
+    tool_call_parser: Literal["hermes", "llama3_json"] = Field(
+        "hermes", description="how tool calls are read from an answer (router/tools.py)"
+    )
 
     @model_validator(mode="after")
     def _one_key(self) -> Router:

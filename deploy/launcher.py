@@ -74,6 +74,7 @@ class ClusterSpec:
     migration_limit: int = 3  # times a request may move off a failed decode worker
     # Prompt tokens a decode worker may prefill itself (router/selection.py).
     local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD
+    tool_call_parser: str = "hermes"  # how the router reads tool calls (router/tools.py)
     request_timeout_s: float | None = None  # the router's end-to-end limit per request
     ready_timeout_s: float = 300.0
 
@@ -297,6 +298,7 @@ class LocalCluster:
             policy=spec.policy,  # type: ignore[arg-type]  # checked by the config or the CLI
             migration_limit=spec.migration_limit,
             local_prefill_threshold=spec.local_prefill_threshold,
+            tool_call_parser=spec.tool_call_parser,
             request_timeout_s=spec.request_timeout_s,
             restarts=self.restart_counts,
             security=ClusterSecurity(secret=self.secret),

@@ -47,6 +47,7 @@ class RouterIngress:
                 request_timeout_s=self.config.router.request_timeout_s,
                 migration_limit=self.config.router.migration_limit,
                 local_prefill_threshold=self.config.router.local_prefill_threshold,
+                tool_call_parser=self.config.router.tool_call_parser,
                 max_model_len=_max_model_len(self.config),
                 discover=self._discover,
                 security=ClusterSecurity.from_env(),

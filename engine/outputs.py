@@ -5,6 +5,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# (token id, logprob) of the most likely tokens at one position, most likely first.
+TopLogprobs = list[tuple[int, float]]
+
+
+class TokenLogprob(float):
+    """A sampled token's logprob that also carries the `top` most likely
+    tokens at its position (as many as the request's `logprobs` asks for).
+
+    It is a float, so it travels wherever a chosen token's logprob does
+    (sampler -> scheduler -> Request.output_logprobs -> RequestOutput and
+    TokenDelta) with nothing on the way knowing about the alternatives; read
+    them back with `top_of`. Requests with `logprobs=0` get plain floats."""
+
+    __slots__ = ("top",)
+    top: TopLogprobs
+
+    def __new__(cls, value: float, top: TopLogprobs) -> TokenLogprob:
+        self = super().__new__(cls, value)
+        self.top = top
+        return self
+
+
+def top_of(logprob: float) -> TopLogprobs:
+    """The alternatives a logprob carries; [] for a plain float (logprobs=0,
+    or a placeholder for a token sampled elsewhere)."""
+    return logprob.top if isinstance(logprob, TokenLogprob) else []
+
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -15,7 +42,9 @@ class RequestOutput:
     token_ids: list[int]  # generated tokens only
     finish_reason: str  # "stop" | "length" | "abort"
     stop_reason: int | str | None  # the stop token id or stop string that ended it
-    logprobs: list[float] | None  # of each generated token, when requested
+    # Of each generated token, when requested; with logprobs > 0 each is a
+    # TokenLogprob carrying its position's top alternatives (see top_logprobs).
+    logprobs: list[float] | None
     num_preemptions: int
     # time.monotonic() seconds
     arrival_time: float
@@ -24,6 +53,14 @@ class RequestOutput:
     finish_time: float
     # Prompt tokens whose KV came from the prefix cache, not computed.
     num_cached_tokens: int = 0
+
+    @property
+    def top_logprobs(self) -> list[TopLogprobs] | None:
+        """Parallel to `logprobs`: at each position, the `logprobs` most likely
+        tokens, most likely first (empty lists for logprobs=0)."""
+        if self.logprobs is None:
+            return None
+        return [top_of(lp) for lp in self.logprobs]
 
     @property
     def ttft(self) -> float | None:
@@ -52,6 +89,12 @@ class TokenDelta:
     logprobs: list[float]
     finished: RequestOutput | None = None  # set on the request's last delta
     error: str | None = None  # the engine failed; the request is over
+
+    @property
+    def top_logprobs(self) -> list[TopLogprobs]:
+        """Parallel to `logprobs`: each token's most likely alternatives
+        (empty lists for logprobs=0)."""
+        return [top_of(lp) for lp in self.logprobs]
 
 
 @dataclass(slots=True)

@@ -10,7 +10,9 @@ the raw logits, then the repetition, frequency and presence penalties, then
 temperature, top-k and top-p. Only the rows of requests that set one of the
 first four are touched by them, and a batch where none does takes the plain
 path. Returned logprobs are of the raw logits (vLLM's default
-"raw_logprobs" mode).
+"raw_logprobs" mode); a request with logprobs = N > 0 also gets the N most
+likely tokens at each position, from the same log-softmax (one top-k over the
+rows that want them), riding on its chosen token's logprob (TokenLogprob).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from engine import cpu_kernels
+from engine.outputs import TokenLogprob, TopLogprobs
 from engine.request import Request
 
 
@@ -28,9 +31,10 @@ def sample(
     requests: Sequence[Request],
     eos_token_ids: Sequence[int] = (),
 ) -> list[tuple[int, float | None]]:
-    """(token id, logprob of it or None) per row. eos_token_ids: the model's
-    EOS ids, kept out of reach (with each request's stop_token_ids) until a
-    request has generated min_tokens tokens."""
+    """(token id, logprob of it or None) per row; the logprob is a
+    TokenLogprob, with the top alternatives, for a request with logprobs > 0.
+    eos_token_ids: the model's EOS ids, kept out of reach (with each
+    request's stop_token_ids) until a request has generated min_tokens tokens."""
     params = [r.sampling_params for r in requests]
     want_logprobs = [p.logprobs is not None for p in params]
     adjusts = any(p.adjusts_logits for p in params)
@@ -52,13 +56,37 @@ def sample(
         tokens = _sample_mixed(logits, requests)
 
     token_list: list[int] = tokens.tolist()
-    chosen: list[float] | None = None
-    if logprobs is not None:
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    return [
-        (tok, chosen[i] if chosen is not None and want_logprobs[i] else None)
-        for i, tok in enumerate(token_list)
-    ]
+    if logprobs is None:
+        return [(tok, None) for tok in token_list]
+    chosen: list[float] = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    tops = _top_logprobs(logprobs, [p.logprobs or 0 for p in params])
+    out: list[tuple[int, float | None]] = []
+    for i, tok in enumerate(token_list):
+        top = tops[i]
+        lp = chosen[i] if top is None else TokenLogprob(chosen[i], top)
+        out.append((tok, lp if want_logprobs[i] else None))
+    return out
+
+
+def _top_logprobs(
+    logprobs: torch.Tensor,  # [M, vocab] float32, the raw log-softmax
+    counts: Sequence[int],  # per row: how many alternatives it wants (0: none)
+) -> list[TopLogprobs | None]:
+    """Each row's `counts[i]` most likely (token id, logprob), most likely
+    first, from one top-k over the rows that want any; None for the others."""
+    rows = [i for i, n in enumerate(counts) if n > 0]
+    out: list[TopLogprobs | None] = [None] * len(counts)
+    if not rows:
+        return out
+    k = min(max(counts[i] for i in rows), logprobs.shape[1])
+    picked = logprobs if len(rows) == len(counts) else logprobs[rows]  # [R, vocab]
+    values, ids = torch.topk(picked, k, dim=-1)  # [R, k] each, descending
+    value_rows: list[list[float]] = values.tolist()
+    id_rows: list[list[int]] = ids.tolist()
+    for j, i in enumerate(rows):
+        n = counts[i]
+        out[i] = list(zip(id_rows[j][:n], value_rows[j][:n], strict=True))
+    return out
 
 
 def adjust_logits_(

@@ -51,11 +51,13 @@ class FirstToken:
     logprob: float | None
     timings: pb.Timings
     prefill_address: str
+    top_logprobs: pb.TopLogprobs | None = None  # when logprobs > 0 was asked for
 
     @classmethod
     def from_pb(cls, first: pb.FirstToken, address: str) -> FirstToken:
         logprob = first.logprob if first.HasField("logprob") else None
-        return cls(first.token_id, logprob, first.timings, address)
+        top = first.top_logprobs if first.HasField("top_logprobs") else None
+        return cls(first.token_id, logprob, first.timings, address, top)
 
 
 @dataclass(slots=True)

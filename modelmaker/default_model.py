@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from modelmaker.model import make_model
+from modelmaker.special_tokens import CHAT_TEMPLATE
 
 logger = logging.getLogger("splitserve")
 
@@ -35,6 +36,7 @@ def ensure_default_model() -> Path:
     """
     path = default_model_dir()
     if _is_complete(path):
+        _refresh_chat_template(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -55,3 +57,14 @@ def ensure_default_model() -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _refresh_chat_template(path: Path) -> None:
+    """A model built by an earlier version keeps its weights (the same seed
+    gives the same ones) but gets today's chat template (tools came later)."""
+    template = path / "chat_template.jinja"
+    if template.is_file() and template.read_text() != CHAT_TEMPLATE:
+        logger.info("updating the chat template of %s", path)
+        tmp = template.with_suffix(".jinja.tmp")
+        tmp.write_text(CHAT_TEMPLATE)
+        os.replace(tmp, template)

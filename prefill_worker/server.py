@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 
 from engine.async_engine import AsyncEngine
+from engine.outputs import top_of
 from kvtransfer import ray_backend
 from kvtransfer.base import DEFAULT_MAX_CHUNK_BYTES, TransferStats, send_kv
 from kvtransfer.grpc_backend import GrpcKvSender
@@ -226,6 +227,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         )
         if out.logprobs:
             first.logprob = out.logprobs[0]
+            top = top_of(out.logprobs[0])
+            if top:  # logprobs > 0
+                first.top_logprobs.token_ids.extend(t for t, _ in top)
+                first.top_logprobs.logprobs.extend(lp for _, lp in top)
         self.metrics.ttft_seconds.observe(time.monotonic() - out.arrival_time)
         return first
 

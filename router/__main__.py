@@ -13,6 +13,8 @@ from kvtransfer.security import ClusterSecurity, add_security_args
 from router.discovery import dns_discovery
 from router.selection import DEFAULT_LOCAL_PREFILL_THRESHOLD, POLICIES
 from router.server import RouterConfig, serve
+from router.tools import DEFAULT_PARSER as DEFAULT_TOOL_PARSER
+from router.tools import PARSERS as TOOL_PARSERS
 
 T = TypeVar("T", int, float)
 
@@ -119,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
         "blocks and least load; round_robin: in turn (default: %(default)s)",
     )
     p.add_argument(
+        "--tool-call-parser",
+        choices=list(TOOL_PARSERS),
+        default=DEFAULT_TOOL_PARSER,
+        help="how tool calls are read from a chat answer under tool_choice auto: hermes "
+        "(<tool_call>{...}</tool_call>, the built-in model's template; Qwen, Hermes) or "
+        "llama3_json (Llama 3's bare JSON calls) (default: %(default)s)",
+    )
+    p.add_argument(
         "--local-prefill-threshold",
         type=_non_negative,
         default=DEFAULT_LOCAL_PREFILL_THRESHOLD,
@@ -184,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy=args.policy,
         migration_limit=args.migration_limit,
         local_prefill_threshold=args.local_prefill_threshold,
+        tool_call_parser=args.tool_call_parser,
         request_timeout_s=args.request_timeout,
         api_key=args.api_key or None,
         security=security,

@@ -22,14 +22,20 @@ from router.protocol import (
     FIELD_EXPECTS,
     UNSUPPORTED,
     UNSUPPORTED_IN_MESSAGE,
+    CalledFunction,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     Endpoint,
+    FunctionName,
+    FunctionSpec,
     JsonSchemaFormat,
+    MessageToolCall,
+    NamedToolChoice,
     ResponseFormat,
     StreamOptions,
     TextPart,
+    Tool,
     is_unset,
 )
 
@@ -174,6 +180,12 @@ _FIELD_NAMES = frozenset(
         StreamOptions,
         ResponseFormat,
         JsonSchemaFormat,
+        Tool,
+        FunctionSpec,
+        NamedToolChoice,
+        FunctionName,
+        MessageToolCall,
+        CalledFunction,
     )
     for name in cls.model_fields
 )

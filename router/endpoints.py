@@ -42,6 +42,7 @@ from router.protocol import Endpoint
 from router.responses import ChatFormat, CompletionFormat
 from router.served_model import ServedModel
 from router.textstream import TokenInfo
+from router.tools import DEFAULT_PARSER as DEFAULT_TOOL_PARSER
 
 log = logging.getLogger("splitserve.router")
 
@@ -67,6 +68,7 @@ class Generation:
     max_body_bytes: int
     migration_limit: int = 3  # see RouterConfig
     request_timeout_s: float | None = None  # end to end, from arrival; None: no limit
+    tool_call_parser: str = DEFAULT_TOOL_PARSER  # see router/tools.py
     # Preparing large bodies (tokenizing, templating): one thread, so the
     # tokenizer is never entered by two large bodies at once.
     _prep: ThreadPoolExecutor = field(
@@ -130,16 +132,19 @@ class Generation:
 
     async def _prepare(self, raw: bytes, endpoint: Endpoint) -> tuple[Prepared, CompletionFormat]:
         if len(raw) < OFF_LOOP_BYTES:
-            prepared = prepare(raw, endpoint, self.served)
+            prepared = prepare(raw, endpoint, self.served, self.tool_call_parser)
         else:  # off the event loop: the other requests keep streaming meanwhile
             loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(self._prep, prepare, raw, endpoint, self.served)
+            prepared = await loop.run_in_executor(
+                self._prep, prepare, raw, endpoint, self.served, self.tool_call_parser
+            )
         created = int(time.time())
         if endpoint == "completions":
             rid = f"cmpl-{uuid.uuid4().hex}"
             return prepared, CompletionFormat(rid, created, self.served.name, prepared.logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return prepared, ChatFormat(rid, created, self.served.name, prepared.logprobs)
+        fmt = ChatFormat(rid, created, self.served.name, prepared.logprobs, prepared.tool_use)
+        return prepared, fmt
 
 
 class _deadline:

@@ -3,13 +3,14 @@
 `run_request` is an async generator of events, the same for both endpoints
 and both modes (streaming or not): a `Delta` at the first token
 (possibly empty: it says the request was accepted, so a stream can answer
-200 now) and then whenever there is text or logprobs to send, and one `Finish`
-last. Errors before the first event are APIError (400, 502, 503 with
-Retry-After); after it, WorkerFailed. A decode worker that fails mid-stream
-is replaced without a trace in the events (router/dispatch.py migrates the
-request with every token received, including those the TextAssembler still
-holds back): only `splitserve_timings.migrations` tells. Closing the
-generator cancels the gRPC call.
+200 now; with `echo` it carries the prompt's text) and then whenever there is
+text or logprobs to send, and one `Finish` last. Errors before the first
+event are APIError (400, 502, 503 with Retry-After); after it, WorkerFailed.
+A decode worker that fails mid-stream is replaced without a trace in the
+events (router/dispatch.py migrates the request with every token received,
+including those the TextAssembler still holds back): only
+`splitserve_timings.migrations` tells. Closing the generator cancels the
+gRPC call.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Delta:
 class Finish:
     delta: Delta  # the text and logprobs not yet sent
     reason: str  # "stop" | "length"
-    text: str  # the whole output text
+    text: str  # the whole output text (after the prompt's, with echo)
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, Any]  # the response's "splitserve_timings"
@@ -89,6 +90,8 @@ async def run_request(
     first_timings: pb.Timings | None = None
     final: pb.GenerateResponse | None = None
     started = False
+    echo = prepared.echo or ""  # the prompt's text, sent before the output (echo)
+    unsent_echo = echo
     async with aclosing(call.messages()) as messages:
         async for msg in messages:
             now = time.monotonic()
@@ -112,7 +115,8 @@ async def run_request(
             text, tokens = asm.take()
             if text or tokens or not started:  # always an event at the first message
                 started = True
-                yield Delta(text, tokens, index)
+                yield Delta(unsent_echo + text, tokens, index)
+                unsent_echo = ""
     assert first_at is not None  # messages() raises rather than end without a finish
     worker_stop = None
     if final is not None and final.WhichOneof("stop_reason") == "stop_string":
@@ -124,9 +128,9 @@ async def run_request(
     metrics.observe_finish(first_at - arrival, done - arrival, n)
     worker = call.worker.address if call.worker is not None else ""
     yield Finish(
-        delta=Delta(rest, tokens, index),
+        delta=Delta(unsent_echo + rest, tokens, index),
         reason=reason,
-        text=asm.text,
+        text=echo + asm.text,
         prompt_tokens=len(prepared.prompt_ids),
         completion_tokens=n,
         timings=_timings(
@@ -149,7 +153,9 @@ def _push_all(asm: TextAssembler, msg: pb.GenerateResponse) -> None:
     ended_by_token = msg.finish_reason == "stop" and msg.WhichOneof("stop_reason") != "stop_string"
     for i, token in enumerate(msg.token_ids):
         logprob = msg.logprobs[i] if i < len(msg.logprobs) else None
-        asm.push(token, logprob, check_stop=not (ended_by_token and i == k - 1))
+        top = msg.top_logprobs[i] if i < len(msg.top_logprobs) else None
+        alternatives = [] if top is None else list(zip(top.token_ids, top.logprobs, strict=True))
+        asm.push(token, logprob, alternatives, check_stop=not (ended_by_token and i == k - 1))
         if asm.stopped:
             break
 

@@ -15,17 +15,21 @@ megabyte of text must not stall every other stream on the event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from engine.sampling_params import GuidedSpec, SamplingParams
 from router.body import check_unsupported, parse_as, parse_json
 from router.errors import APIError, bad_request
 from router.prompt_ids import chat_prompt_ids, completion_prompt_ids
-from router.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from router.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, Prompt
 from router.served_model import ServedModel
+from router.tools import DEFAULT_PARSER as DEFAULT_TOOL_PARSER
+from router.tools import ToolUse, guided_spec
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n and best_of
+MAX_LOGPROBS = 20  # alternatives per token (completions' logprobs, chat's top_logprobs)
 _INT32_MAX = 2**31 - 1
 _UINT64_LIMIT = 2**64
 # Bodies at least this large are parsed and tokenized off the event loop
@@ -41,52 +45,62 @@ class Prepared:
     params: SamplingParams
     stream: bool
     include_usage: bool  # streaming: send a usage chunk before [DONE]
-    logprobs: bool  # report each sampled token's logprob
+    logprobs: bool  # report each sampled token's logprob (and params.logprobs alternatives)
     n: int = 1  # choices to answer
     best_of: int = 1  # choices to generate (>= n; the best n are answered)
+    tool_use: ToolUse | None = None  # chat with tools: how the answer is read for calls
+    echo: str | None = None  # completions' echo: the prompt's text, starting every choice's
 
 
-def prepare(raw: bytes, endpoint: Endpoint, served: ServedModel) -> Prepared:
+def prepare(
+    raw: bytes, endpoint: Endpoint, served: ServedModel, tool_parser: str = DEFAULT_TOOL_PARSER
+) -> Prepared:
     """A request body, from its bytes to a request ready to send (or an APIError)."""
     obj = parse_json(raw)
     check_unsupported(obj, endpoint)
     if endpoint == "completions":
         return prepare_completion(parse_as(CompletionRequest, obj), served)
-    return prepare_chat(parse_as(ChatCompletionRequest, obj), served)
+    return prepare_chat(parse_as(ChatCompletionRequest, obj), served, tool_parser)
 
 
 def prepare_completion(req: CompletionRequest, served: ServedModel) -> Prepared:
     """Validate and tokenize a /v1/completions request."""
     _check_common(req, served)
-    if req.echo:
-        raise bad_request("echo is not supported", param="echo")
-    if req.logprobs is not None and req.logprobs < 0:
-        raise bad_request(f"logprobs must be >= 0, got {req.logprobs}", param="logprobs")
-    if req.logprobs is not None and req.logprobs > 1:
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad_request(
-            "logprobs > 1 (the top alternatives) is not supported; 0 or 1 return the "
-            "sampled token's log-probability",
-            param="logprobs",
+            f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", param="logprobs"
         )
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", param="echo")
     ids = completion_prompt_ids(req.prompt, served)
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-    return _prepare(req, served, ids, max_tokens, logprobs=req.logprobs is not None)
+    echo = _prompt_text(req.prompt, ids, served) if req.echo else None
+    return _prepare(req, served, ids, max_tokens, logprobs=req.logprobs, echo=echo)
 
 
-def prepare_chat(req: ChatCompletionRequest, served: ServedModel) -> Prepared:
+def prepare_chat(
+    req: ChatCompletionRequest, served: ServedModel, tool_parser: str = DEFAULT_TOOL_PARSER
+) -> Prepared:
     """Validate a /v1/chat/completions request and apply the chat template."""
     _check_common(req, served)
-    if req.top_logprobs:
-        raise bad_request("top_logprobs > 0 is not supported yet", param="top_logprobs")
+    top = req.top_logprobs
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise bad_request(
+            f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs"
+        )
+    if top and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     if not req.messages:
         raise bad_request("messages must hold at least one message", param="messages")
-    ids = chat_prompt_ids(req.messages, served)
+    tool_use, tools = _tool_use(req, tool_parser)
+    ids = chat_prompt_ids(req.messages, served, tools)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else None
     if max_tokens is None:
         max_tokens = req.max_tokens
     if max_tokens is None:  # the rest of the context
         max_tokens = max(1, served.max_model_len - len(ids))
-    return _prepare(req, served, ids, max_tokens, logprobs=bool(req.logprobs))
+    logprobs = (top or 0) if req.logprobs else None
+    return _prepare(req, served, ids, max_tokens, logprobs=logprobs, tools=(tool_use, tools))
 
 
 def _check_common(req: CompletionRequest | ChatCompletionRequest, served: ServedModel) -> None:
@@ -107,7 +121,9 @@ def _prepare(
     ids: list[int],
     max_tokens: int,
     *,
-    logprobs: bool,
+    logprobs: int | None,  # alternatives per token, when logprobs were asked for
+    echo: str | None = None,
+    tools: tuple[ToolUse | None, list[dict[str, Any]]] = (None, []),
 ) -> Prepared:
     limit = served.max_model_len
     if len(ids) >= limit:
@@ -126,16 +142,25 @@ def _prepare(
     opts = req.stream_options
     n, best_of = _choices(req, stream)
     # best_of ranks the choices by their logprob: the workers must send it.
-    params = _sampling(req, served, max_tokens, logprobs or best_of > n)
+    tool_use, tool_list = tools
+    forced = None
+    if tool_use is not None:
+        forced = guided_spec(tool_list, tool_use.mode, tool_use.function, tool_use.parallel)
+    if logprobs is None and best_of > n:
+        params = _sampling(req, served, max_tokens, 0, forced)
+    else:
+        params = _sampling(req, served, max_tokens, logprobs, forced)
     return Prepared(
         prompt_ids=ids,
         params=params,
         stream=stream,
         # A usage chunk by default; include_usage: false turns it off.
         include_usage=stream and (opts is None or opts.include_usage is not False),
-        logprobs=logprobs,
+        logprobs=logprobs is not None,
         n=n,
         best_of=best_of,
+        echo=echo,
+        tool_use=tool_use,
     )
 
 
@@ -158,7 +183,8 @@ def _sampling(
     req: CompletionRequest | ChatCompletionRequest,
     served: ServedModel,
     max_tokens: int,
-    logprobs: bool,
+    logprobs: int | None,
+    forced: GuidedSpec | None = None,  # a forced tool call's grammar
 ) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
@@ -186,7 +212,7 @@ def _sampling(
             stop=tuple(stop),
             stop_token_ids=tuple(stop_ids),
             seed=req.seed,
-            logprobs=0 if logprobs else None,
+            logprobs=logprobs,
             presence_penalty=float(req.presence_penalty or 0.0),
             frequency_penalty=float(req.frequency_penalty or 0.0),
             repetition_penalty=(
@@ -194,11 +220,21 @@ def _sampling(
             ),
             min_tokens=min_tokens,
             logit_bias=_logit_bias(req.logit_bias, served.vocab_size),
-            structured_output=_structured_output(req),
+            structured_output=_structured_output(req, forced),
         )
     except ValueError as e:
         # SamplingParams' messages start with the field's name.
         raise bad_request(str(e), param=str(e).split(" ", 1)[0]) from None
+
+
+def _prompt_text(prompt: Prompt, ids: list[int], served: ServedModel) -> str:
+    """The prompt as text, for echo: as sent, or token ids decoded (as vLLM
+    decodes them, special tokens included)."""
+    if isinstance(prompt, list) and isinstance(prompt[0], str):
+        prompt = prompt[0]  # one prompt in a list (prompt_ids refuses more)
+    if isinstance(prompt, str):
+        return prompt
+    return str(served.tokenizer.decode(ids))
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
@@ -214,22 +250,29 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[i
     return tuple(sorted(out.items()))
 
 
-def _structured_output(req: CompletionRequest | ChatCompletionRequest) -> GuidedSpec | None:
-    """The grammar the output must follow, from response_format or vLLM's
-    guided_* fields (one of them at most). Whether the grammar library
-    supports the schema is the worker's to say (a 400 naming the feature)."""
-    given = {
+def _structured_output(
+    req: CompletionRequest | ChatCompletionRequest, forced: GuidedSpec | None
+) -> GuidedSpec | None:
+    """The grammar the output must follow, from response_format, vLLM's
+    guided_* fields or a forced tool call (`forced`): one of them at most.
+    Whether the grammar library supports the schema is the worker's to say
+    (a 400 naming the feature)."""
+    given: dict[str, Any] = {
         name: value
         for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
         if (value := getattr(req, name)) is not None
         and not (name == "response_format" and value.type == "text")
     }
+    if forced is not None:
+        given["tool_choice"] = forced
     if len(given) > 1:
         names = " and ".join(sorted(given))
         raise bad_request(f"{names} both constrain the output: send one", param=min(given))
     if not given:
         return None
     ((name, value),) = given.items()
+    if name == "tool_choice":
+        return forced
     try:
         if name == "guided_regex":
             return GuidedSpec("regex", value)
@@ -247,3 +290,26 @@ def _structured_output(req: CompletionRequest | ChatCompletionRequest) -> Guided
         return GuidedSpec.json_schema(fmt.schema_)
     except ValueError as e:
         raise bad_request(str(e), param=name) from None
+
+
+def _tool_use(
+    req: ChatCompletionRequest, parser: str
+) -> tuple[ToolUse | None, list[dict[str, Any]]]:
+    """How the answer is read for tool calls (None: it is text), and the tools
+    the chat template shows the model (none under tool_choice "none")."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if choice == "none" or (choice == "auto" and not tools):
+        return None, []
+    if not tools:
+        raise bad_request("tool_choice requires tools", param="tool_choice")
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) < len(names):
+        raise bad_request("tools must have distinct function names", param="tools")
+    parallel = req.parallel_tool_calls is not False
+    if isinstance(choice, str):
+        return ToolUse(choice, parser, parallel=parallel), tools
+    name = choice.function.name
+    if name not in names:
+        raise bad_request(f"tool_choice names '{name}', which is not in tools", param="tool_choice")
+    return ToolUse("named", parser, function=name, parallel=parallel), tools

@@ -38,14 +38,18 @@ def completion_prompt_ids(prompt: Any, served: ServedModel) -> list[int]:
     return ids
 
 
-def chat_prompt_ids(messages: list[ChatMessage], served: ServedModel) -> list[int]:
+def chat_prompt_ids(
+    messages: list[ChatMessage], served: ServedModel, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """The messages (and the tools the model may call) through the model's
+    chat template."""
     tok = served.tokenizer
     if not getattr(tok, "chat_template", None):
         raise bad_request(
             f"model '{served.name}' has no chat template; use /v1/completions",
             code="no_chat_template",
         )
-    flat: list[dict[str, str]] = []
+    flat: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
@@ -58,9 +62,16 @@ def chat_prompt_ids(messages: list[ChatMessage], served: ServedModel) -> list[in
                     )
                 texts.append(part.text)
             content = "\n".join(texts)
-        flat.append({"role": m.role, "content": content or ""})
+        message: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        flat.append(message)
     try:
-        out = tok.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+        out = tok.apply_chat_template(
+            flat, tools=tools or None, add_generation_prompt=True, tokenize=True
+        )
     except Exception as e:  # the template is the model's code: report, don't crash
         raise _template_failed(e) from None
     # transformers 5 returns a BatchEncoding; older versions a list of ids.

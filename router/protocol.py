@@ -33,6 +33,8 @@ FIELD_EXPECTS = {
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts",
     "guided_json": "a JSON schema (an object, or a string holding one)",
+    "tool_choice": '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+    "arguments": "a JSON string or an object",
 }
 
 
@@ -40,11 +42,8 @@ FIELD_EXPECTS = {
 # which OpenAI clients send for any unset field). A value is accepted when it
 # equals one of these and has the same JSON type (so `true` is not `1`).
 _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),  # before tool_choice: a request with tools is refused for them
-    "tool_choice": ("none", "auto"),  # "auto" without tools calls none
     "functions": ([],),
     "function_call": ("none", "auto"),
-    "parallel_tool_calls": (True, False),  # means nothing without tools
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
@@ -65,7 +64,6 @@ UNSUPPORTED: dict[Endpoint, dict[str, tuple[Any, ...]]] = {
 }
 # The same, for each chat message (tool calls in the history).
 UNSUPPORTED_IN_MESSAGE: dict[str, tuple[Any, ...]] = {
-    "tool_calls": ([],),
     "function_call": (),
 }
 
@@ -126,8 +124,8 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: Prompt
-    logprobs: StrictInt | None = None  # >= 0: report each sampled token's logprob
-    echo: StrictBool | None = False  # true is not supported
+    logprobs: StrictInt | None = None  # 0-20: sampled token's logprob + this many alternatives
+    echo: StrictBool | None = False  # the prompt's text starts the output (not with logprobs)
     best_of: StrictInt | None = None  # choices generated (n-16); the best n answered
 
 
@@ -136,10 +134,46 @@ class TextPart(_Body):
     text: StrictStr | None = None
 
 
+class CalledFunction(_Body):
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any] = "{}"  # JSON text (OpenAI) or an object
+
+
+class MessageToolCall(_Body):
+    """A call an assistant message in the history made."""
+
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: StrictStr | None = None  # tool messages: the call this answers
+
+
+class FunctionSpec(_Body):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: StrictBool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -148,4 +182,8 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None  # wins over max_tokens
     logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = None  # 0 only, for now
+    top_logprobs: StrictInt | None = None  # 0-20 alternatives per token; needs logprobs: true
+    tools: list[Tool] | None = None
+    # "none" | "auto" | "required" | a named function (default: auto with tools)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None  # False: at most one call

@@ -1,10 +1,12 @@
 """The OpenAI response shapes, for completions and chat completions.
 
 A format turns flow events into JSON objects: whole responses when not
-streaming, chunks when streaming. Logprobs report the sampled token only:
-completions' `top_logprobs` holds one entry per position, `{token: logprob}`
-of the token that was sampled (not the top alternatives); chat's
-`top_logprobs` is empty (requests with top_logprobs > 0 are refused).
+streaming, chunks when streaming. Logprobs, per position: completions'
+`top_logprobs` is `{token: logprob}` of the sampled token and then the
+`logprobs` most likely ones (so up to logprobs + 1 entries, as OpenAI and
+vLLM answer; logprobs = 0 gives the sampled token alone); chat's is the
+`top_logprobs` most likely tokens, `[{token, logprob, bytes}]`, most likely
+first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from router.flow import Delta, Finish, usage
 from router.textstream import TokenInfo
+from router.tools import StreamedAnswer, ToolUse
 
 
 class CompletionFormat:
@@ -38,7 +41,7 @@ class CompletionFormat:
         return {
             "tokens": [t.text for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{t.text: t.logprob} for t in tokens],
+            "top_logprobs": [_completion_top(t) for t in tokens],
             "text_offset": [t.offset for t in tokens],
         }
 
@@ -84,9 +87,32 @@ class CompletionFormat:
 
 
 class ChatFormat(CompletionFormat):
-    """/v1/chat/completions: "chat.completion" and "chat.completion.chunk" objects."""
+    """/v1/chat/completions: "chat.completion" and "chat.completion.chunk" objects.
+
+    With tools (router/tools.py), an answer's calls go in `message.tool_calls`
+    (streamed: one `delta.tool_calls` chunk at the end, each call whole, after
+    any content that came before it) and finish "tool_calls"."""
 
     object = "chat.completion.chunk"
+
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        logprobs: bool,
+        tool_use: ToolUse | None = None,
+    ) -> None:
+        super().__init__(request_id, created, model, logprobs)
+        self.tool_use = tool_use
+        self._answers: dict[int, StreamedAnswer] = {}  # per choice, while streaming
+
+    def _content(self, delta: Delta) -> str:
+        """What of the delta's text goes out now as content."""
+        if self.tool_use is None:
+            return delta.text
+        answer = self._answers.setdefault(delta.index, StreamedAnswer(self.tool_use))
+        return answer.feed(delta.text)
 
     def _logprobs(self, tokens: list[TokenInfo]) -> dict[str, Any] | None:
         if not self.logprobs:
@@ -97,7 +123,10 @@ class ChatFormat(CompletionFormat):
                     "token": t.text,
                     "logprob": t.logprob,
                     "bytes": list(t.text.encode("utf-8")),
-                    "top_logprobs": [],
+                    "top_logprobs": [
+                        {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+                        for text, lp in t.top
+                    ],
                 }
                 for t in tokens
             ]
@@ -120,23 +149,60 @@ class ChatFormat(CompletionFormat):
         ]
 
     def chunk(self, delta: Delta, finish_reason: str | None = None) -> dict[str, Any]:
+        text = self._content(delta)
         choice = {
             "index": delta.index,
-            "delta": {"content": delta.text} if delta.text else {},
+            "delta": {"content": text} if text else {},
             "logprobs": self._logprobs(delta.tokens) if delta.tokens else None,
             "finish_reason": finish_reason,
         }
         return {**self._head(), "choices": [choice]}
 
+    def final_chunk(self, fin: Finish) -> dict[str, Any]:
+        if self.tool_use is None:
+            return super().final_chunk(fin)
+        text = self._content(fin.delta)
+        rest, calls = self._answers[fin.index].finish(fin.text)
+        delta: dict[str, Any] = {"content": text + rest} if text + rest else {}
+        if calls:
+            delta["tool_calls"] = [c.as_openai(i) for i, c in enumerate(calls)]
+        choice = {
+            "index": fin.index,
+            "delta": delta,
+            "logprobs": self._logprobs(fin.delta.tokens) if fin.delta.tokens else None,
+            "finish_reason": "tool_calls" if calls else fin.reason,
+        }
+        return {**self._head(), "choices": [choice], "splitserve_timings": fin.timings}
+
     def _choice(self, fin: Finish, tokens: list[TokenInfo]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": fin.text}
+        reason = fin.reason
+        if self.tool_use is not None:
+            content, calls = self.tool_use.read(fin.text)
+            if calls:
+                message = {
+                    "role": "assistant",
+                    "content": content,
+                    "tool_calls": [c.as_openai() for c in calls],
+                }
+                reason = "tool_calls"
         return {
             "index": fin.index,
-            "message": {"role": "assistant", "content": fin.text},
+            "message": message,
             "logprobs": self._logprobs(tokens),
-            "finish_reason": fin.reason,
+            "finish_reason": reason,
         }
 
     def response(
         self, finishes: list[Finish], tokens: dict[int, list[TokenInfo]]
     ) -> dict[str, Any]:
         return {**super().response(finishes, tokens), "object": "chat.completion"}
+
+
+def _completion_top(t: TokenInfo) -> dict[str, float | None]:
+    """The sampled token first, then the alternatives; a text two tokens
+    share keeps the first (likelier) one's logprob."""
+    top: dict[str, float | None] = {t.text: t.logprob}
+    for text, lp in t.top:
+        top.setdefault(text, lp)
+    return top

@@ -31,6 +31,8 @@ from router.metrics import RouterMetrics
 from router.pool import Discover, WorkerPool
 from router.selection import DEFAULT_LOCAL_PREFILL_THRESHOLD, Policy
 from router.served_model import ServedModel
+from router.tools import DEFAULT_PARSER as DEFAULT_TOOL_PARSER
+from router.tools import PARSERS as TOOL_PARSERS
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class RouterConfig:
     # Prompts whose part the decode worker lacks is at most this many tokens
     # are prefilled there, without a KV transfer (0: always disaggregate).
     local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD
+    tool_call_parser: str = DEFAULT_TOOL_PARSER  # how "auto" tool calls are read (router/tools.py)
     restarts: Callable[[], Mapping[str, tuple[str, int]]] | None = None
     request_timeout_s: float | None = None  # end to end; None: no limit
     security: ClusterSecurity = field(default_factory=ClusterSecurity)  # toward the workers
@@ -129,6 +132,8 @@ def build_app(config: RouterConfig, served: ServedModel | None = None) -> FastAP
     metrics.track_cost(lambda: pool.workers)
     if config.restarts is not None:
         metrics.track_restarts(config.restarts)
+    if config.tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"tool_call_parser must be one of {TOOL_PARSERS}")
     if config.request_timeout_s is not None and not config.request_timeout_s > 0:
         raise ValueError(f"request_timeout_s must be > 0, got {config.request_timeout_s}")
     gen = Generation(
@@ -138,6 +143,7 @@ def build_app(config: RouterConfig, served: ServedModel | None = None) -> FastAP
         config.max_body_bytes,
         migration_limit=config.migration_limit,
         request_timeout_s=config.request_timeout_s,
+        tool_call_parser=config.tool_call_parser,
     )
     started = int(time.time())
 

@@ -17,6 +17,7 @@ the incremental text cut at the stop string when one ended the request, else
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,9 @@ class TokenInfo:
     text: str  # the token decoded on its own
     logprob: float | None  # None if the worker sent none
     offset: int  # where the text this token completed starts, in the output text
+    # The most likely tokens at this position, most likely first, each
+    # decoded on its own: (text, logprob); empty unless logprobs > 0.
+    top: tuple[tuple[str, float], ...] = ()
 
 
 class TextAssembler:
@@ -55,10 +59,19 @@ class TextAssembler:
     def stopped(self) -> bool:
         return self.stop_string is not None
 
-    def push(self, token_id: int, logprob: float | None, *, check_stop: bool = True) -> None:
-        """Add one generated token. `check_stop` False for a token that itself
-        ended the request (EOS or a stop token): the engine matches no stop
-        string on it, and neither may the router, or their texts would differ."""
+    def push(
+        self,
+        token_id: int,
+        logprob: float | None,
+        top: Sequence[tuple[int, float]] = (),
+        *,
+        check_stop: bool = True,
+    ) -> None:
+        """Add one generated token, with the (token id, logprob) of the most
+        likely tokens at its position when they were asked for. `check_stop`
+        False for a token that itself ended the request (EOS or a stop token):
+        the engine matches no stop string on it, and neither may the router,
+        or their texts would differ."""
         assert not self.stopped, "no tokens after a stop string"
         offset = len(self.detok.text)
         self.token_ids.append(token_id)
@@ -66,8 +79,9 @@ class TextAssembler:
             self.cumulative_logprob += logprob
         new = self.detok.push(token_id)
         if self.want_logprobs:
-            text = str(self.tokenizer.decode([token_id], skip_special_tokens=False))
-            self._tokens.append(TokenInfo(token_id, text, logprob, offset))
+            text = self._token_text(token_id)
+            alternatives = tuple((self._token_text(t), lp) for t, lp in top)
+            self._tokens.append(TokenInfo(token_id, text, logprob, offset, alternatives))
         if new and check_stop and self.stop and len(self.token_ids) > self.min_tokens:
             hit = find_stop(self.detok.text, len(new), self.stop)
             if hit is not None:
@@ -75,6 +89,9 @@ class TextAssembler:
                 # stop string began at most `hold` characters before `new`.
                 self.detok.text = self.detok.text[: hit[0]]
                 self.stop_string = hit[1]
+
+    def _token_text(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
     def take(self) -> tuple[str, list[TokenInfo]]:
         """The text safe to send now, and the logprob entries since the last take."""

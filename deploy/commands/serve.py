@@ -101,6 +101,13 @@ def add_serve_parser(sub: Any) -> None:
         "default: router.local_prefill_threshold in --config, else the router's default)",
     )
     sv.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json"],
+        default=None,
+        help="how the router reads tool calls from a chat answer under tool_choice auto "
+        "(default: router.tool_call_parser in --config, else hermes, the built-in model's)",
+    )
+    sv.add_argument(
         "--kv-lease",
         type=float,
         default=30.0,
@@ -229,6 +236,8 @@ def _serve(args: argparse.Namespace) -> int:
                 f"--local-prefill-threshold must be >= 0, got {args.local_prefill_threshold}"
             )
         spec_kwargs["local_prefill_threshold"] = args.local_prefill_threshold
+    if args.tool_call_parser is not None:
+        spec_kwargs["tool_call_parser"] = args.tool_call_parser
     spec_kwargs.setdefault("migration_limit", 3)
     if args.migration_limit is not None:
         spec_kwargs["migration_limit"] = args.migration_limit
@@ -295,6 +304,7 @@ def spec_from_config(args: argparse.Namespace) -> dict[str, Any]:
         request_timeout_s=_or(args.request_timeout, config.router.request_timeout_s),
         migration_limit=config.router.migration_limit,
         local_prefill_threshold=config.router.local_prefill_threshold,
+        tool_call_parser=config.router.tool_call_parser,
     )
 
 

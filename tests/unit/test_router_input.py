@@ -95,12 +95,28 @@ UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
         "guided_json",
     ),
     ("guided-choice-empty", C, {"prompt": "hi", "guided_choice": []}, "guided_choice"),
-    ("tools", CHAT, {"messages": USER, "tools": [TOOL]}, "tools"),
+    ("tools-not-a-list", CHAT, {"messages": USER, "tools": TOOL}, "tools"),
+    ("tools-twice", CHAT, {"messages": USER, "tools": [TOOL, TOOL]}, "tools"),
     (
-        "tools-required",
+        "tool-choice-unknown-function",
         CHAT,
-        {"messages": USER, "tools": [TOOL], "tool_choice": "required"},
-        "tools",
+        {
+            "messages": USER,
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "tool_choice",
+    ),
+    (
+        "tools-and-response-format",
+        CHAT,
+        {
+            "messages": USER,
+            "tools": [TOOL],
+            "tool_choice": "required",
+            "response_format": {"type": "json_object"},
+        },
+        "response_format",
     ),
     ("tool-choice-required", CHAT, {"messages": USER, "tool_choice": "required"}, "tool_choice"),
     (
@@ -121,10 +137,16 @@ UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
     ("chat-n-zero", CHAT, {"messages": USER, "n": 0}, "n"),
     ("best-of-below-n", C, {"prompt": "hi", "n": 3, "best_of": 2}, "best_of"),
     ("best-of-streamed", C, {"prompt": "hi", "best_of": 2, "stream": True}, "best_of"),
-    ("echo", C, {"prompt": "hi", "echo": True}, "echo"),
+    ("echo-with-logprobs", C, {"prompt": "hi", "echo": True, "logprobs": 0}, "echo"),
     ("suffix", C, {"prompt": "hi", "suffix": "end"}, "suffix"),
-    ("logprobs-top-5", C, {"prompt": "hi", "logprobs": 5}, "logprobs"),
-    ("top-logprobs", CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 3}, "top_logprobs"),
+    ("logprobs-top-21", C, {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    (
+        "top-logprobs-21",
+        CHAT,
+        {"messages": USER, "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+    ),
+    ("top-logprobs-alone", CHAT, {"messages": USER, "top_logprobs": 3}, "top_logprobs"),
     ("presence-penalty-range", C, {"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
     (
         "frequency-penalty-range",
@@ -149,7 +171,7 @@ UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
         "tool-calls-in-history",
         CHAT,
         {"messages": [*USER, {"role": "assistant", "tool_calls": [{"id": "1"}]}]},
-        "messages[1].tool_calls",
+        "messages[1].tool_calls[0].function",
     ),
 ]
 

@@ -163,6 +163,40 @@ def test_logprobs_match_transformers(llm, hf):
     assert llm.generate(prompts[0], plain, use_tqdm=False)[0].logprobs is None
 
 
+def test_top_logprobs_are_transformers_top_k(llm, hf):
+    """logprobs = N: at each position the N most likely tokens of the raw
+    distribution, most likely first, whatever the sampling or the batch (rows
+    asking for 0, 2 or 5 alternatives, a penalized row, a greedy plain one)."""
+    rng = random.Random(9)
+    prompts = [rand_prompt(rng, n) for n in (4, 19, 30, 7)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=5),
+        SamplingParams(temperature=1.3, seed=3, max_tokens=10, ignore_eos=True, logprobs=2),
+        SamplingParams(
+            temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3, presence_penalty=1.5
+        ),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0),
+    ]
+    outs = llm.generate([*prompts, prompts[0]], [*params, GREEDY], use_tqdm=False)
+    for prompt, p, out in zip(prompts, params, outs[:4], strict=True):
+        assert out.top_logprobs is not None and len(out.top_logprobs) == len(out.token_ids)
+        ref = teacher_forced_logprobs(hf, prompt, out.token_ids)
+        want_lp, want_ids = torch.topk(ref, p.logprobs or 1, dim=-1)
+        for pos, top in enumerate(out.top_logprobs):
+            if not p.logprobs:
+                assert top == []
+                continue
+            assert [t for t, _ in top] == want_ids[pos].tolist(), f"position {pos}"
+            got = torch.tensor([lp for _, lp in top])
+            torch.testing.assert_close(got, want_lp[pos], atol=1e-3, rtol=0)
+    assert outs[4].logprobs is None and outs[4].top_logprobs is None
+    assert outs[0].top_logprobs is not None
+    # Greedy: the chosen token is the first alternative, with the same logprob.
+    assert [top[0] for top in outs[0].top_logprobs] == list(
+        zip(outs[0].token_ids, outs[0].logprobs or [], strict=True)
+    )
+
+
 # -- the sampler itself, on hand-made logits ------------------------------------------------
 
 

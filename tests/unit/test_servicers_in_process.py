@@ -171,3 +171,43 @@ def test_the_decode_worker_receives_only_the_blocks_its_prefix_cache_lacks(tiny_
     assert b[1].kv_transfer_bytes == 3 * block_bytes  # 104 tokens: 7 blocks, 4 held
     assert b[1].num_cached_tokens == 64  # the prefill worker's cache, too
     assert clean
+
+
+def test_top_logprobs_cross_the_wire_as_one_engine_computes_them(tiny_llama):
+    """logprobs = 3, disaggregated: the first token's alternatives come from
+    the prefill worker (FirstToken), the rest from the decode engine; one
+    TopLogprobs per token, equal to the offline engine's."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=4 << 20)
+    want = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0]
+
+    async def run() -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+        async with serving(tiny_llama) as pair:
+            request = pb.GenerateRequest(
+                request_id="top",
+                prompt_token_ids=PROMPTS[1],
+                sampling_params=params_to_pb(params),
+                prefill_addresses=[pair.prefill_address],
+            )
+            tokens: list[int] = []
+            logprobs: list[float] = []
+            tops: list[list[tuple[int, float]]] = []
+            async with grpc.aio.insecure_channel(pair.decode_address) as ch:
+                async for msg in pb_grpc.DecodeWorkerStub(ch).Generate(request, timeout=60):
+                    assert len(msg.top_logprobs) == len(msg.token_ids)
+                    tokens.extend(msg.token_ids)
+                    logprobs.extend(msg.logprobs)
+                    tops += [
+                        list(zip(t.token_ids, t.logprobs, strict=True)) for t in msg.top_logprobs
+                    ]
+            return tokens, logprobs, tops
+
+    tokens, logprobs, tops = asyncio.run(run())
+    assert tokens == want.token_ids
+    assert want.logprobs is not None and want.top_logprobs is not None
+    assert logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    assert [[t for t, _ in top] for top in tops] == [
+        [t for t, _ in top] for top in want.top_logprobs
+    ]
+    for got, ref in zip(tops, want.top_logprobs, strict=True):
+        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in ref], abs=1e-5)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from router.responses import ChatFormat, CompletionFormat
 from router.textstream import TextAssembler
 
 
@@ -98,6 +99,33 @@ def test_logprob_entries_carry_each_token_and_its_offset(tok):
     assert offsets == sorted(offsets) and offsets[0] == 0
     for e in entries:  # each token's own text is where its offset says
         assert asm.text[e.offset :].startswith(e.text)
+
+
+def test_top_alternatives_are_decoded_and_shaped_as_openai_answers(tok):
+    """Each token's alternatives decoded on their own; completions answer the
+    sampled token first then the alternatives, chat the alternatives alone."""
+    ids = ids_of(tok, "red green")[:2]
+    asm = TextAssembler(tok, (), logprobs=True)
+    alternatives = [(ids[1], -0.25), (ids[0], -1.5)]  # the sampled ids[0] is second
+    asm.push(ids[0], -1.5, alternatives)
+    asm.push(ids[1], -0.5)  # logprobs=0: none
+    entries = asm.take()[1] + asm.finish()[1]
+    texts = [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert entries[0].top == ((texts[1], -0.25), (texts[0], -1.5))
+    assert entries[1].top == ()
+
+    completion = CompletionFormat("id", 0, "m", logprobs=True)._logprobs(entries)
+    assert completion is not None
+    assert completion["top_logprobs"] == [{texts[0]: -1.5, texts[1]: -0.25}, {texts[1]: -0.5}]
+    assert list(completion["top_logprobs"][0]) == texts  # the sampled token first
+    chat = ChatFormat("id", 0, "m", logprobs=True)._logprobs(entries)
+    assert chat is not None
+    first, second = chat["content"]
+    assert first["top_logprobs"] == [
+        {"token": texts[1], "logprob": -0.25, "bytes": list(texts[1].encode())},
+        {"token": texts[0], "logprob": -1.5, "bytes": list(texts[0].encode())},
+    ]
+    assert second["top_logprobs"] == []
 
 
 @settings(max_examples=60, deadline=None)
