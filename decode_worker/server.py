@@ -5,7 +5,7 @@ Generate, disaggregated:
   1. validate and reserve the prompt's blocks (or answer RESOURCE_EXHAUSTED:
      no prefill work is spent on a request that has nowhere to go);
   2. a task fills them (kvtransfer/fetch.py) from the prefill pool; its first token
-     goes to the router at once;
+     (with the prompt's logprobs, when asked for) goes to the router at once;
   3. once the KV is written the request joins the running batch and its
      tokens stream back, several per message when the router lags.
 If no prefill worker delivers before the first token, the worker frees the
@@ -40,7 +40,7 @@ from kvtransfer.grpc_backend import GrpcPrefill
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from worker.status import worker_status
-from worker.wire import params_from_pb, params_to_pb
+from worker.wire import params_from_pb, params_to_pb, prompt_logprobs_to_pb
 
 log = logging.getLogger("splitserve.decode")
 
@@ -328,6 +328,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             msg.logprobs.append(first.logprob)
             if req.sampling_params.logprobs and first.top_logprobs is not None:
                 msg.top_logprobs.append(first.top_logprobs)
+        if first.prompt_logprobs is not None:
+            msg.prompt_logprobs.CopyFrom(first.prompt_logprobs)
         return msg
 
     async def _stream(
@@ -354,6 +356,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, delta.error)
                 msg.token_ids.extend(delta.token_ids)
                 msg.logprobs.extend(delta.logprobs)
+                if delta.prompt_logprobs is not None:  # with the first token sampled here
+                    msg.prompt_logprobs.CopyFrom(prompt_logprobs_to_pb(delta.prompt_logprobs))
                 if top:
                     msg.top_logprobs.extend(_top_pb(t) for t in delta.top_logprobs)
                 finished = delta.finished or finished

@@ -367,14 +367,20 @@ class AsyncEngine:
             if entry is not None:
                 new = out.token_ids[entry.sent :]
                 lps = out.logprobs[entry.sent :] if out.logprobs is not None else []
-                deltas.append((TokenDelta(out.request_id, new, lps, finished=out), entry.queue))
+                delta = TokenDelta(out.request_id, new, lps, finished=out)
+                if entry.sent == 0:
+                    delta.prompt_logprobs = out.prompt_logprobs
+                deltas.append((delta, entry.queue))
         for rid, entry in live.items():
             req = entry.request
             n = len(req.output_token_ids)
             if n > entry.sent:
                 lps = req.output_logprobs[entry.sent : n] if req.output_logprobs else []
                 new = req.output_token_ids[entry.sent : n]
-                deltas.append((TokenDelta(rid, new, lps), entry.queue))
+                delta = TokenDelta(rid, new, lps)
+                if entry.sent == 0:
+                    delta.prompt_logprobs = req.scored_prompt
+                deltas.append((delta, entry.queue))
                 entry.sent = n
         if deltas:
             self.loop.call_soon_threadsafe(_deliver, deltas)

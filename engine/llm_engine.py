@@ -157,6 +157,9 @@ class LLMEngine:
                 f"{request.num_tokens} tokens already known; the context length is "
                 f"{self.max_model_len}"
             )
+        if resumed:
+            # The client got the prompt logprobs with the first token.
+            request.prompt_logprobs = None
         if request.sampling_params.logprobs is not None:
             # Placeholders for tokens the client already has (never sent
             # again) keep output_logprobs aligned with output_token_ids.
@@ -296,6 +299,9 @@ class LLMEngine:
             raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
         now = time.monotonic()
         req.first_token_time = now
+        # Scored by the engine that computed the prompt, and sent with the
+        # first token (a prompt recomputed here, kv_valid False, is not rescored).
+        req.prompt_logprobs = None
         sampler.skip_sample(req, self.model_config.vocab_size, self.runner.device)
         done = self.scheduler.remote_kv_arrived(
             request_id, first_token, logprob, self.eos_token_ids, kv_valid
@@ -328,6 +334,7 @@ class LLMEngine:
             else None,
             num_preemptions=req.num_preemptions,
             num_cached_tokens=req.num_cached_tokens,
+            prompt_logprobs=req.scored_prompt,
             arrival_time=req.arrival_time,
             scheduled_time=req.scheduled_time,
             first_token_time=req.first_token_time,

@@ -4,6 +4,8 @@ scheduled batch into tensors, runs the forward pass, samples.
 It makes no scheduling decision: it reads each scheduled request's tokens,
 start position and block table, and returns one sample (or None, for a
 prefill chunk that does not reach the end of the known tokens) per request.
+For a request that asks for prompt logprobs it also scores the prompt
+positions each chunk computes, appending them to `Request.prompt_logprobs`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from engine import sampler, structured_output
 from engine.config import EngineConfig, ModelConfig
 from engine.model.llama import AttentionBatch, DecodeAttentionFn, PrefillChunk
 from engine.model.loader import load_model
+from engine.outputs import TokenLogprob
 from engine.request import Request
 from engine.scheduler import ScheduledRequest
 
 log = logging.getLogger("splitserve")
+
+# Prompt positions scored per logits call: bounds the [rows, vocab] float32
+# logits a long prompt chunk materializes (128 MiB at a 128k vocabulary).
+PROMPT_SCORE_ROWS = 256
 
 
 @dataclass(slots=True)
@@ -140,6 +147,8 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
         results: list[tuple[int, float | None] | None] = [None] * len(scheduled)
         t2 = t3 = time.perf_counter()
+        if inputs.prompt_spans:
+            self._score_prompts(hidden, scheduled, inputs.prompt_spans)
         if inputs.sampled:
             logits = self.model.compute_logits(hidden[inputs.logit_rows])
             t2 = time.perf_counter()
@@ -158,6 +167,38 @@ class ModelRunner:
         self.timings.sample_s += t3 - t2
         return results
 
+    def _score_prompts(
+        self,
+        hidden: torch.Tensor,  # [N, hidden_size], one row per input token
+        scheduled: Sequence[ScheduledRequest],
+        spans: list[tuple[int, int, int]],
+    ) -> None:
+        """Append to each spanned request's prompt_logprobs the entries its
+        rows give: row at prompt position p scores prompt token p + 1 (the
+        raw log-softmax in float32, as the sampler's logprobs)."""
+        for i, row, count in spans:
+            req = scheduled[i].request
+            lps = req.prompt_logprobs
+            assert lps is not None
+            first = len(lps)  # the prompt token the span's first row scores
+            n_top = req.sampling_params.prompt_logprobs or 0
+            dev = hidden.device
+            for a in range(0, count, PROMPT_SCORE_ROWS):
+                b = min(count, a + PROMPT_SCORE_ROWS)
+                logits = self.model.compute_logits(hidden[row + a : row + b])
+                logprobs = torch.log_softmax(logits.float(), dim=-1)  # [b - a, vocab]
+                targets = req.prompt_token_ids[first + a : first + b]
+                target_t = torch.tensor(targets, dtype=torch.long, device=dev)
+                chosen: list[float] = logprobs.gather(1, target_t[:, None]).squeeze(1).tolist()
+                if not n_top:
+                    lps.extend(chosen)
+                    continue
+                values, ids = torch.topk(logprobs, min(n_top, logprobs.shape[1]), dim=-1)
+                value_rows: list[list[float]] = values.tolist()
+                id_rows: list[list[int]] = ids.tolist()
+                for lp, top_ids, top_lps in zip(chosen, id_rows, value_rows, strict=True):
+                    lps.append(TokenLogprob(lp, list(zip(top_ids, top_lps, strict=True))))
+
     def _prepare(self, scheduled: Sequence[ScheduledRequest]) -> _StepInputs:
         # Decode rows (one new token) first, prefill chunks after: the model
         # runs all decode rows through one batched attention call.
@@ -171,6 +212,7 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         logit_rows: list[int] = []
         sampled: list[int] = []
+        prompt_spans: list[tuple[int, int, int]] = []
         for i in order:
             s = scheduled[i]
             req, n, table = s.request, s.num_new_tokens, s.block_table
@@ -188,6 +230,10 @@ class ModelRunner:
             if s.completes_known_tokens:
                 logit_rows.append(flat_start + n - 1)
                 sampled.append(i)
+            if req.prompt_logprobs_pending:
+                span = _prompt_span(req, start, n)
+                if span is not None:
+                    prompt_spans.append((i, flat_start + span[0], span[1]))
 
         dev = self.device
         num_decode = len(decode_lens)
@@ -206,6 +252,7 @@ class ModelRunner:
             batch=batch,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
             sampled=sampled,
+            prompt_spans=prompt_spans,
         )
 
 
@@ -216,6 +263,24 @@ class _StepInputs:
     batch: AttentionBatch
     logit_rows: torch.Tensor  # flat index of each token whose logits are sampled
     sampled: list[int]  # the scheduled entry each logit row belongs to
+    # Prompt positions to score: (scheduled entry, its first flat row, rows).
+    prompt_spans: list[tuple[int, int, int]]
+
+
+def _prompt_span(req: Request, start: int, n: int) -> tuple[int, int] | None:
+    """Of a chunk computing positions [start, start + n), the rows that score
+    prompt tokens not scored yet, as (offset in the chunk, count); None if
+    none. Position p scores token p + 1, so the prompt's last position (its
+    logits give the first output token) scores none. Positions scored
+    before (a chunk recomputed after a preemption) are not scored again."""
+    assert req.prompt_logprobs is not None
+    lo = len(req.prompt_logprobs) - 1  # the first position whose entry is missing
+    hi = min(start + n, req.num_prompt_tokens - 1)
+    if start > lo or hi <= lo:
+        # start > lo: the chunk begins past a position never scored (only a
+        # prompt started from cached KV could); the scheduler prevents it.
+        return None
+    return lo - start, hi - lo
 
 
 def _pad_tables(tables: list[Sequence[int]], device: torch.device) -> torch.Tensor:

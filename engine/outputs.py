@@ -53,6 +53,20 @@ class RequestOutput:
     finish_time: float
     # Prompt tokens whose KV came from the prefix cache, not computed.
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs, one per prompt token: its logprob
+    # given the tokens before it (None for the first), a TokenLogprob with
+    # alternatives when prompt_logprobs > 0 (see prompt_top_logprobs). None
+    # when not asked for, or when the prompt was scored elsewhere (the KV came
+    # from another engine) or before (a resumed request).
+    prompt_logprobs: list[float | None] | None = None
+
+    @property
+    def prompt_top_logprobs(self) -> list[TopLogprobs | None] | None:
+        """Parallel to `prompt_logprobs`: each prompt token's most likely
+        alternatives (None for the first, empty lists for prompt_logprobs=0)."""
+        if self.prompt_logprobs is None:
+            return None
+        return [None if lp is None else top_of(lp) for lp in self.prompt_logprobs]
 
     @property
     def top_logprobs(self) -> list[TopLogprobs] | None:
@@ -89,6 +103,9 @@ class TokenDelta:
     logprobs: list[float]
     finished: RequestOutput | None = None  # set on the request's last delta
     error: str | None = None  # the engine failed; the request is over
+    # The request's prompt_logprobs (RequestOutput's), on the delta that
+    # carries its first token when that token was sampled by this engine.
+    prompt_logprobs: list[float | None] | None = None
 
     @property
     def top_logprobs(self) -> list[TopLogprobs]:

@@ -48,6 +48,14 @@ class Request:
     prompt: str | None = None  # the prompt's text, when it was given as text
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    # With sampling_params.prompt_logprobs: entry i is prompt token i's
+    # logprob given the tokens before it (a TokenLogprob carrying its
+    # position's alternatives when prompt_logprobs > 0); entry 0 is None
+    # (nothing precedes it). Started here, grown in prompt order by the model
+    # runner as it computes prompt chunks, complete at num_prompt_tokens
+    # entries; None when not asked for, or when another engine scored the
+    # prompt (remote KV) or the client has them already (a resumed request).
+    prompt_logprobs: list[float | None] | None = None
     # Set by the scheduler: tokens whose KV is in this request's blocks.
     num_computed_tokens: int = 0
     # Set by the scheduler.
@@ -86,6 +94,21 @@ class Request:
     # the model runner at its first sampling, from the tokens so far).
     grammar: Future[Any] | None = None
     matcher: Any = None
+
+    def __post_init__(self) -> None:
+        if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt positions still to score: they must be computed, not cached."""
+        lps = self.prompt_logprobs
+        return lps is not None and len(lps) < len(self.prompt_token_ids)
+
+    @property
+    def scored_prompt(self) -> list[float | None] | None:
+        """prompt_logprobs once complete, else None."""
+        return None if self.prompt_logprobs_pending else self.prompt_logprobs
 
     @property
     def ready(self) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 # What a structured output may be (engine/structured_output.py compiles them).
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+# The most alternatives prompt_logprobs may ask for at each position.
+MAX_PROMPT_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,11 @@ class SamplingParams:
         chosen token under the model's unmodified distribution: the raw
         logits' log-softmax, before logit_bias, min_tokens, the penalties,
         temperature, top-k and top-p (vLLM's default "raw_logprobs").
+    prompt_logprobs: when set (0 to MAX_PROMPT_LOGPROBS), also score the
+        prompt: for every prompt token after the first, its logprob given
+        the tokens before it, with this many most likely alternatives at
+        its position (RequestOutput.prompt_logprobs). The whole prompt is
+        then computed, never taken from the prefix cache (as in vLLM).
     presence_penalty: in [-2, 2]; subtracted once from the logit of every
         token already generated (OpenAI's definition; the prompt is not
         counted).
@@ -97,6 +104,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -135,6 +143,11 @@ class SamplingParams:
             raise ValueError("stop_token_ids must hold non-negative integers")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        pl = self.prompt_logprobs
+        if pl is not None and (not _is_int(pl) or not 0 <= pl <= MAX_PROMPT_LOGPROBS):
+            raise ValueError(
+                f"prompt_logprobs must be an integer in [0, {MAX_PROMPT_LOGPROBS}], got {pl!r}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:

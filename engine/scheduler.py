@@ -183,6 +183,7 @@ class Scheduler:
         if rid in self.requests or rid in self.held:
             raise ValueError(f"request id {rid!r} is already in use")
         tokens = request.num_prompt_tokens + 1
+        # Even with prompt logprobs: the prompt is scored where it is computed.
         prefix = self._cached_prefix(request)
         need = self.pool.num_new_blocks_needed(rid, tokens, prefix)
         if need + self._watermark() > self.pool.num_free_blocks:
@@ -280,6 +281,10 @@ class Scheduler:
                     break
                 req = head
                 prefix = self._cached_prefix(req)
+                if req.prompt_logprobs is not None:
+                    # Prompt logprobs come from computing the prompt: start no
+                    # later than the first position not scored yet.
+                    prefix = prefix[: (len(req.prompt_logprobs) - 1) // self.pool.block_size]
                 computed = len(prefix) * self.pool.block_size or req.num_computed_tokens
                 n = min(req.num_tokens - computed, budget)
                 target = computed + n

@@ -52,12 +52,14 @@ class FirstToken:
     timings: pb.Timings
     prefill_address: str
     top_logprobs: pb.TopLogprobs | None = None  # when logprobs > 0 was asked for
+    prompt_logprobs: pb.PromptLogprobs | None = None  # when prompt_logprobs was asked for
 
     @classmethod
     def from_pb(cls, first: pb.FirstToken, address: str) -> FirstToken:
         logprob = first.logprob if first.HasField("logprob") else None
         top = first.top_logprobs if first.HasField("top_logprobs") else None
-        return cls(first.token_id, logprob, first.timings, address, top)
+        prompt = first.prompt_logprobs if first.HasField("prompt_logprobs") else None
+        return cls(first.token_id, logprob, first.timings, address, top, prompt)
 
 
 @dataclass(slots=True)

@@ -6,7 +6,8 @@ KV blocks:
 
     D: PrefillRequest ─▶ P queues the prompt (the scheduler batches prompts by
                          token budget and chunks long ones)
-    P: FirstToken     ─▶ as soon as the prompt's last chunk is computed
+    P: FirstToken     ─▶ as soon as the prompt's last chunk is computed (with
+                         the prompt scored, when prompt_logprobs asks)
     P: KvChunk ...    ─▶ layer by layer, read from P's held blocks (only
                          those D lacks: the first num_cached_blocks of D's
                          reservation hold the prompt's prefix there already)
@@ -47,7 +48,7 @@ from prefill_worker.metrics import PrefillMetrics
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 from worker.status import worker_status
-from worker.wire import params_from_pb
+from worker.wire import params_from_pb, prompt_logprobs_to_pb
 
 log = logging.getLogger("splitserve.prefill")
 
@@ -231,6 +232,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             if top:  # logprobs > 0
                 first.top_logprobs.token_ids.extend(t for t, _ in top)
                 first.top_logprobs.logprobs.extend(lp for _, lp in top)
+        if out.prompt_logprobs is not None:
+            first.prompt_logprobs.CopyFrom(prompt_logprobs_to_pb(out.prompt_logprobs))
         self.metrics.ttft_seconds.observe(time.monotonic() - out.arrival_time)
         return first
 

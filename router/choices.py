@@ -7,7 +7,8 @@ first token, by which time the worker that computed the prompt holds its
 full blocks in the prefix cache and the cache-aware router sends the other
 choices after them; they compute only the last, partial block. A seeded
 request gives choice i the seed `seed + i`, so each choice's stream is
-reproducible on its own.
+reproducible on its own. With echo and logprobs only the first choice asks
+for the prompt's logprobs; the others take its entries.
 
 `best_of` > `n` (completions, not streamed) generates `best_of` choices and
 answers the `n` with the highest cumulative log-probability, best first.
@@ -48,17 +49,47 @@ async def run_choices(
     """The events of every choice, in the order they happen; each choice
     ends with its Finish. Errors as flow.run_request's."""
 
+    # Choice 0's prompt logprob entries (echo with logprobs): the prompt is
+    # scored once, and the other choices, which start after choice 0's first
+    # event, reuse them (so they may start from the prefix cache).
+    scored_prompt: list[TokenInfo] = []
+
+    async def first_choice(events: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+        async with aclosing(events) as it:
+            async for ev in it:
+                if not scored_prompt:
+                    delta = ev.delta if isinstance(ev, Finish) else ev
+                    scored_prompt.extend(delta.tokens[: len(prepared.prompt_ids)])
+                yield ev
+
     def choice(i: int) -> AsyncGenerator[Event, None]:
         params = prepared.params
+        prompt_tokens = None
         if prepared.best_of > 1:
             rid = f"{request_id}-{i}"
             if params.seed is not None:
                 params = dataclasses.replace(params, seed=(params.seed + i) % _SEED_LIMIT)
+            if i > 0 and params.prompt_logprobs is not None:
+                assert scored_prompt, "choice 0 goes first"
+                params = dataclasses.replace(params, prompt_logprobs=None)
+                prompt_tokens = list(scored_prompt)
         else:
             rid = request_id
-        return run_request(
-            pool, metrics, served, prepared, rid, arrival, migration_limit, params, index=i
+        events = run_request(
+            pool,
+            metrics,
+            served,
+            prepared,
+            rid,
+            arrival,
+            migration_limit,
+            params,
+            index=i,
+            prompt_tokens=prompt_tokens,
         )
+        if i == 0 and prepared.best_of > 1 and params.prompt_logprobs is not None:
+            return first_choice(events)
+        return events
 
     if prepared.best_of == 1:
         async with aclosing(choice(0)) as events:

@@ -3,7 +3,8 @@
 `run_request` is an async generator of events, the same for both endpoints
 and both modes (streaming or not): a `Delta` at the first token
 (possibly empty: it says the request was accepted, so a stream can answer
-200 now; with `echo` it carries the prompt's text) and then whenever there is
+200 now; with `echo` it carries the prompt's text, and with `echo` and
+`logprobs` the prompt tokens' logprob entries) and then whenever there is
 text or logprobs to send, and one `Finish` last. Errors before the first
 event are APIError (400, 502, 503 with Retry-After); after it, WorkerFailed.
 A decode worker that fails mid-stream is replaced without a trace in the
@@ -28,7 +29,8 @@ from router.metrics import RouterMetrics
 from router.pool import WorkerPool
 from router.preprocess import Prepared
 from router.served_model import ServedModel
-from router.textstream import TextAssembler, TokenInfo
+from router.textstream import TextAssembler, TokenInfo, prompt_token_infos
+from worker.wire import prompt_logprobs_from_pb
 
 
 @dataclass
@@ -76,22 +78,33 @@ async def run_request(
     migration_limit: int = DEFAULT_MIGRATION_LIMIT,
     params: SamplingParams | None = None,
     index: int = 0,
+    prompt_tokens: list[TokenInfo] | None = None,
 ) -> AsyncGenerator[Delta | Finish, None]:
     """Send the request to a decode worker and turn its tokens into events
     of choice `index`, sampled with `params` (default: the request's); a
-    request whose worker fails mid-stream moves up to `migration_limit` times."""
+    request whose worker fails mid-stream moves up to `migration_limit` times.
+
+    With echo and logprobs, the first event's tokens start with the prompt's
+    entries: `prompt_tokens` when given (another choice's, with `params`
+    not asking the worker to score the prompt again), else built from the
+    prompt logprobs of the worker's first message."""
     params = params or prepared.params
     call = DecodeCall(pool, metrics, request_id, prepared.prompt_ids, params, migration_limit)
+    echo = prepared.echo or ""  # the prompt's text, sent before the output (echo)
     asm = TextAssembler(
-        served.tokenizer, params.stop, logprobs=prepared.logprobs, min_tokens=params.min_tokens
+        served.tokenizer,
+        params.stop,
+        logprobs=prepared.logprobs,
+        min_tokens=params.min_tokens,
+        offset_base=len(echo),
     )
     first_at: float | None = None
     last_at = arrival
     first_timings: pb.Timings | None = None
     final: pb.GenerateResponse | None = None
     started = False
-    echo = prepared.echo or ""  # the prompt's text, sent before the output (echo)
     unsent_echo = echo
+    unsent_prompt: list[TokenInfo] = []  # the prompt's logprob entries (echo with logprobs)
     async with aclosing(call.messages()) as messages:
         async for msg in messages:
             now = time.monotonic()
@@ -102,6 +115,12 @@ async def run_request(
                 metrics.ttft.observe(now - arrival)
                 metrics.prompt_tokens.inc(len(prepared.prompt_ids))
                 metrics.generation_tokens.inc(k)
+                if prepared.echo is not None and prepared.logprobs:
+                    unsent_prompt = (
+                        prompt_tokens
+                        if prompt_tokens is not None
+                        else _prompt_tokens(served, prepared, msg)
+                    )
             elif k:
                 metrics.observe_tokens(now - last_at, k)
             if k:
@@ -115,8 +134,8 @@ async def run_request(
             text, tokens = asm.take()
             if text or tokens or not started:  # always an event at the first message
                 started = True
-                yield Delta(unsent_echo + text, tokens, index)
-                unsent_echo = ""
+                yield Delta(unsent_echo + text, unsent_prompt + tokens, index)
+                unsent_echo, unsent_prompt = "", []
     assert first_at is not None  # messages() raises rather than end without a finish
     worker_stop = None
     if final is not None and final.WhichOneof("stop_reason") == "stop_string":
@@ -128,7 +147,7 @@ async def run_request(
     metrics.observe_finish(first_at - arrival, done - arrival, n)
     worker = call.worker.address if call.worker is not None else ""
     yield Finish(
-        delta=Delta(unsent_echo + rest, tokens, index),
+        delta=Delta(unsent_echo + rest, unsent_prompt + tokens, index),
         reason=reason,
         text=echo + asm.text,
         prompt_tokens=len(prepared.prompt_ids),
@@ -144,6 +163,17 @@ async def run_request(
         ),
         cumulative_logprob=asm.cumulative_logprob,
     )
+
+
+def _prompt_tokens(
+    served: ServedModel, prepared: Prepared, msg: pb.GenerateResponse
+) -> list[TokenInfo]:
+    """The echoed prompt's logprob entries, from the worker's first message
+    (logprobs None if it sent none)."""
+    scored = (
+        prompt_logprobs_from_pb(msg.prompt_logprobs) if msg.HasField("prompt_logprobs") else None
+    )
+    return prompt_token_infos(served.tokenizer, prepared.prompt_ids, scored, prepared.echo or "")
 
 
 def _push_all(asm: TextAssembler, msg: pb.GenerateResponse) -> None:

@@ -14,6 +14,7 @@ megabyte of text must not stall every other stream on the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,9 @@ class Prepared:
     n: int = 1  # choices to answer
     best_of: int = 1  # choices to generate (>= n; the best n are answered)
     tool_use: ToolUse | None = None  # chat with tools: how the answer is read for calls
-    echo: str | None = None  # completions' echo: the prompt's text, starting every choice's
+    # Completions' echo: the prompt's text, starting every choice's; with
+    # logprobs, params.prompt_logprobs asks the worker to score the prompt.
+    echo: str | None = None
 
 
 def prepare(
@@ -70,11 +73,10 @@ def prepare_completion(req: CompletionRequest, served: ServedModel) -> Prepared:
         raise bad_request(
             f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", param="logprobs"
         )
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", param="echo")
     ids = completion_prompt_ids(req.prompt, served)
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
     echo = _prompt_text(req.prompt, ids, served) if req.echo else None
+    # echo with logprobs: the prompt's tokens get entries too (prompt logprobs).
     return _prepare(req, served, ids, max_tokens, logprobs=req.logprobs, echo=echo)
 
 
@@ -150,6 +152,8 @@ def _prepare(
         params = _sampling(req, served, max_tokens, 0, forced)
     else:
         params = _sampling(req, served, max_tokens, logprobs, forced)
+    if echo is not None and logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=logprobs)
     return Prepared(
         prompt_ids=ids,
         params=params,

@@ -6,7 +6,9 @@ streaming, chunks when streaming. Logprobs, per position: completions'
 `logprobs` most likely ones (so up to logprobs + 1 entries, as OpenAI and
 vLLM answer; logprobs = 0 gives the sampled token alone); chat's is the
 `top_logprobs` most likely tokens, `[{token, logprob, bytes}]`, most likely
-first.
+first. With echo, completions' entries start with the prompt's tokens (the
+first with None for its logprob and its top_logprobs) and `text_offset`
+counts from the start of the echoed prompt.
 """
 
 from __future__ import annotations
@@ -199,10 +201,13 @@ class ChatFormat(CompletionFormat):
         return {**super().response(finishes, tokens), "object": "chat.completion"}
 
 
-def _completion_top(t: TokenInfo) -> dict[str, float | None]:
+def _completion_top(t: TokenInfo) -> dict[str, float] | None:
     """The sampled token first, then the alternatives; a text two tokens
-    share keeps the first (likelier) one's logprob."""
-    top: dict[str, float | None] = {t.text: t.logprob}
+    share keeps the first (likelier) one's logprob. None for a token
+    without a logprob (the first prompt token, with echo)."""
+    if t.logprob is None:
+        return None
+    top: dict[str, float] = {t.text: t.logprob}
     for text, lp in t.top:
         top.setdefault(text, lp)
     return top

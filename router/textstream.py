@@ -30,20 +30,69 @@ class TokenInfo:
 
     token_id: int
     text: str  # the token decoded on its own
-    logprob: float | None  # None if the worker sent none
-    offset: int  # where the text this token completed starts, in the output text
+    logprob: float | None  # None if the worker sent none, or for the first prompt token (echo)
+    # Where the text this token completed starts, in the response's text
+    # (the echoed prompt's, then the output's).
+    offset: int
     # The most likely tokens at this position, most likely first, each
     # decoded on its own: (text, logprob); empty unless logprobs > 0.
     top: tuple[tuple[str, float], ...] = ()
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """A token decoded on its own, as the logprobs fields show it."""
+    return str(tokenizer.decode([token_id], skip_special_tokens=False))
+
+
+def prompt_token_infos(
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    scored: Sequence[tuple[float, Sequence[tuple[int, float]]]] | None,
+    text: str,
+) -> list[TokenInfo]:
+    """The logprob entries of an echoed prompt: one per prompt token, each
+    decoded on its own as the generated ones are; `scored` gives (logprob,
+    alternatives) of prompt tokens 1..n-1 (the first has no logprob: nothing
+    precedes it), None when the worker sent none. Offsets are where each
+    token's text starts in the prompt's (`text`, the echo), decoded
+    incrementally as the output's are."""
+    memo: dict[int, str] = {}  # a long prompt repeats its tokens and their alternatives
+
+    def decoded(token_id: int) -> str:
+        if token_id not in memo:
+            memo[token_id] = token_text(tokenizer, token_id)
+        return memo[token_id]
+
+    detok = IncrementalDetokenizer(tokenizer)
+    out = []
+    for i, token_id in enumerate(prompt_ids):
+        offset = min(len(detok.text), len(text))
+        detok.push(token_id)
+        logprob: float | None = None
+        top: tuple[tuple[str, float], ...] = ()
+        if i > 0 and scored is not None and i - 1 < len(scored):
+            logprob, alternatives = scored[i - 1]
+            top = tuple((decoded(t), lp) for t, lp in alternatives)
+        out.append(TokenInfo(token_id, decoded(token_id), logprob, offset, top))
+    return out
 
 
 class TextAssembler:
     """One request's output text, built token by token (O(1) work per token)."""
 
     def __init__(
-        self, tokenizer: Any, stop: tuple[str, ...], *, logprobs: bool, min_tokens: int = 0
+        self,
+        tokenizer: Any,
+        stop: tuple[str, ...],
+        *,
+        logprobs: bool,
+        min_tokens: int = 0,
+        offset_base: int = 0,
     ) -> None:
+        """offset_base: characters the response's text holds before the
+        output (the echoed prompt), added to every token's offset."""
         self.tokenizer = tokenizer
+        self.offset_base = offset_base
         self.stop = stop
         self.min_tokens = min_tokens  # no stop string ends the text before this many tokens
         self.hold = max(0, max((len(s) for s in stop), default=0) - 1)
@@ -73,7 +122,7 @@ class TextAssembler:
         the engine matches no stop string on it, and neither may the router,
         or their texts would differ."""
         assert not self.stopped, "no tokens after a stop string"
-        offset = len(self.detok.text)
+        offset = self.offset_base + len(self.detok.text)
         self.token_ids.append(token_id)
         if logprob is not None:
             self.cumulative_logprob += logprob
@@ -91,7 +140,7 @@ class TextAssembler:
                 self.stop_string = hit[1]
 
     def _token_text(self, token_id: int) -> str:
-        return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+        return token_text(self.tokenizer, token_id)
 
     def take(self) -> tuple[str, list[TokenInfo]]:
         """The text safe to send now, and the logprob entries since the last take."""

@@ -264,8 +264,52 @@ def test_echo_starts_each_choice_with_the_prompt(disagg, colocated, offline):
         assert chunks[0].startswith(PROMPT) and "".join(chunks) == PROMPT + plain
     r = completion(disagg, best_of=2, echo=True, **SAMPLED)
     assert r.choices[0].text.startswith(PROMPT) and len(r.choices[0].text) > len(PROMPT)
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
-        completion(disagg, echo=True, logprobs=1)
+
+
+def test_echo_with_logprobs_scores_the_prompt(disagg, colocated, offline):
+    """echo + logprobs = 2: the prompt's tokens come first in logprobs (the
+    first without a logprob), scored as the offline engine scores them
+    (prompt_logprobs), then the output's, offsets running on over the whole
+    text; streamed, the prompt's entries come in the first chunk; every
+    choice of n = 2 carries them."""
+    tok = offline.tokenizer
+    ids = tok.encode(PROMPT)
+    params = SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=2
+    )
+    want = offline.generate(PROMPT, params)[0]
+    assert want.prompt_top_logprobs is not None and want.top_logprobs is not None
+    assert want.prompt_logprobs is not None and want.logprobs is not None
+
+    def text(t: int) -> str:
+        return tok.decode([t], skip_special_tokens=False)
+
+    want_ids = ids + want.token_ids
+    want_lps = [*want.prompt_logprobs[1:], *want.logprobs]
+    tops = [*want.prompt_top_logprobs[1:], *want.top_logprobs]
+    want_keys = [
+        list(dict.fromkeys([text(t), *(text(alt) for alt, _ in top)]))
+        for t, top in zip(want_ids[1:], tops, strict=True)
+    ]
+    kw = {"max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 2}
+    for cluster in (disagg, colocated):
+        r = completion(cluster, n=2, **kw)
+        assert r.choices[0].logprobs == r.choices[1].logprobs
+        assert r.choices[0].text == PROMPT + want.text
+        lp = r.choices[0].logprobs
+        assert lp.tokens == [text(t) for t in want_ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(want_lps, abs=1e-4)
+        assert [list(top) for top in lp.top_logprobs[1:]] == want_keys
+        assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(PROMPT)
+        assert lp.text_offset == sorted(lp.text_offset)
+        chunks = list(completion(cluster, stream=True, **kw))
+        first = chunks[0].choices[0]
+        assert first.text.startswith(PROMPT) and len(first.logprobs.tokens) >= len(ids)
+        streamed = [c.logprobs for chunk in chunks for c in chunk.choices if c.logprobs]
+        assert [t for s in streamed for t in s.tokens] == lp.tokens
+        assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+        assert [x for s in streamed for x in s.token_logprobs] == lp.token_logprobs
 
 
 WEATHER_TOOL = {

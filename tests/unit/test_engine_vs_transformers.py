@@ -146,3 +146,79 @@ def test_output_does_not_depend_on_company(tiny_llama):
     for a, b in zip(outs, outs2, strict=True):
         assert a.token_ids == b.token_ids
     assert_engine_clean(starved)
+
+
+def _hf_prompt_logprobs(path, prompt: list[int]) -> torch.Tensor:
+    """[len(prompt), vocab]: row p is the log-softmax after prompt[: p + 1]."""
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+
+
+def _assert_prompt_logprobs(out, prompt: list[int], ref: torch.Tensor, n_top: int) -> None:
+    lps, tops = out.prompt_logprobs, out.prompt_top_logprobs
+    assert lps is not None and tops is not None
+    assert len(lps) == len(prompt) and lps[0] is None and tops[0] is None
+    want = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    assert torch.tensor(lps[1:]) == pytest.approx(want, abs=1e-4)
+    for p, top in enumerate(tops[1:]):
+        want_lps, want_ids = torch.topk(ref[p], n_top) if n_top else (torch.tensor([]), [])
+        assert [t for t, _ in top] == list(want_ids.tolist() if n_top else [])
+        assert [lp for _, lp in top] == pytest.approx(want_lps.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_equal_transformers(tiny_llama):
+    """prompt_logprobs: each prompt token's logprob and the top N at its
+    position, as transformers' log-softmax gives them, for a prompt computed
+    in chunks of 16 and one already in the prefix cache (recomputed, not
+    taken from it); requests without them get none and keep the cache."""
+    prompt = prompts_for(2048)[-2]  # 96 tokens: 6 chunks
+    ref = _hf_prompt_logprobs(tiny_llama, prompt)
+    llm = LLM(
+        str(tiny_llama),
+        dtype="float32",
+        kv_cache_bytes=4 * 2**20,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=True,
+    )
+    plain = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    first = llm.generate(prompt, plain)[0]
+    assert first.prompt_logprobs is None and first.num_cached_tokens == 0
+    for n_top in (3, 0):
+        scored = SamplingParams(
+            temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=n_top
+        )
+        out = llm.generate([prompt, prompts_for(2048)[2]], [scored, plain], use_tqdm=False)
+        assert out[0].num_cached_tokens == 0  # the cached prompt was computed again
+        assert out[0].token_ids == first.token_ids
+        _assert_prompt_logprobs(out[0], prompt, ref, n_top)
+        assert out[1].prompt_logprobs is None
+    assert llm.generate(prompt, plain)[0].num_cached_tokens == 80  # the cache is still there
+    # A one-token prompt has nothing to score.
+    one = llm.generate([7], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    assert one.prompt_logprobs == [None]
+    assert_engine_clean(llm)
+
+
+def test_prompt_logprobs_survive_a_preemption_mid_prompt(tiny_llama):
+    """A request preempted after some prompt chunks recomputes them without
+    scoring their positions twice; it may then start from the cached blocks
+    it had scored already."""
+    prompt = prompts_for(2048)[-3]  # 70 tokens
+    ref = _hf_prompt_logprobs(tiny_llama, prompt)
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=4 * 2**20, max_num_batched_tokens=32)
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    req = eng.make_request(prompt, params)
+    eng.add_request(req)
+    eng.step()  # positions 0..31: tokens 1..32 scored
+    assert req.prompt_logprobs is not None and len(req.prompt_logprobs) == 33
+    eng.scheduler.running.remove(req)
+    eng.scheduler._preempt(req)
+    outs = eng.step()
+    assert req.num_computed_tokens == 64  # 32 from the cache (scored), 32 computed
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert req.num_cached_tokens == 0 and req.num_preemptions == 1
+    _assert_prompt_logprobs(outs[0], prompt, ref, 2)
+    assert_engine_clean(llm)

@@ -89,14 +89,6 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str]] = [
     ("token-id-past-vocab", C, {"prompt": [VOCAB]}, 400, "prompt", "[0, 2048)"),
     ("token-id-bool", C, {"prompt": [True]}, 400, "prompt", "must be"),
     ("batched", C, {"prompt": ["a", "b"]}, 400, "prompt", "batched prompts are not supported"),
-    (
-        "echo-logprobs",
-        C,
-        {"prompt": "hi", "echo": True, "logprobs": 2},
-        400,
-        "echo",
-        "echo with logprobs (prompt logprobs) is not supported yet",
-    ),
     ("penalty", C, {"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty", "[-2, 2]"),
     ("top-p-zero", C, {"prompt": "hi", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ("top-p-big", C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
@@ -184,6 +176,7 @@ def test_chunked_body_over_limit_is_413_without_reading_it_all(client):
         (CHAT, {"messages": USER, "stream": True, "stream_options": {"include_usage": True}}),
         (C, {"prompt": "hi", "logprobs": 20, "stream": True}),
         (C, {"prompt": [1, 2, 3], "echo": True, "n": 2}),
+        (C, {"prompt": "hi", "echo": True, "logprobs": 2, "best_of": 2}),
         (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 20}),
     ],
 )
@@ -299,3 +292,24 @@ def test_api_key_guards_the_v1_routes(model_dir):
         assert c.post(C, json=body, headers=right).status_code == 503  # past auth: no workers
         assert c.get("/health").status_code == 503  # operators' routes stay open
         assert c.get("/metrics").status_code == 200
+
+
+def test_echo_with_logprobs_asks_for_the_prompts_logprobs(model_dir):
+    """echo + logprobs = N: the worker scores the prompt with N alternatives;
+    without echo (or without logprobs) it does not."""
+    from transformers import AutoTokenizer
+
+    from router.preprocess import prepare
+    from router.served_model import ServedModel
+
+    served = ServedModel(
+        "tiny", str(model_dir), VOCAB, MAX_LEN, AutoTokenizer.from_pretrained(model_dir)
+    )
+
+    def params(**body: Any):
+        return prepare(json.dumps({"prompt": "hi", **body}).encode(), "completions", served).params
+
+    assert params(echo=True, logprobs=2).prompt_logprobs == 2
+    assert params(echo=True, logprobs=0).prompt_logprobs == 0
+    assert params(logprobs=2).prompt_logprobs is None
+    assert params(echo=True).prompt_logprobs is None

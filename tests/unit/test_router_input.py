@@ -137,7 +137,6 @@ UNSUPPORTED: list[tuple[str, str, dict[str, Any], str]] = [
     ("chat-n-zero", CHAT, {"messages": USER, "n": 0}, "n"),
     ("best-of-below-n", C, {"prompt": "hi", "n": 3, "best_of": 2}, "best_of"),
     ("best-of-streamed", C, {"prompt": "hi", "best_of": 2, "stream": True}, "best_of"),
-    ("echo-with-logprobs", C, {"prompt": "hi", "echo": True, "logprobs": 0}, "echo"),
     ("suffix", C, {"prompt": "hi", "suffix": "end"}, "suffix"),
     ("logprobs-top-21", C, {"prompt": "hi", "logprobs": 21}, "logprobs"),
     (

@@ -326,6 +326,9 @@ def test_seeded_sampler_rows_depend_on_their_seed_only():
         dict(stop=["ok", ""]),
         dict(stop_token_ids=[-1]),
         dict(logprobs=-1),
+        dict(prompt_logprobs=-1),
+        dict(prompt_logprobs=21),
+        dict(prompt_logprobs=1.5),
     ],
     ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()),
 )
@@ -341,6 +344,8 @@ def test_sampling_params_normalise_and_accept_good_values():
     assert SamplingParams(stop=None).stop == ()
     p = SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, max_tokens=1, logprobs=0)
     assert p.greedy and p.max_tokens == 1
+    assert SamplingParams(prompt_logprobs=0).prompt_logprobs == 0
+    assert SamplingParams(prompt_logprobs=20).prompt_logprobs == 20
     assert not SamplingParams(temperature=1e-3).greedy
     assert SamplingParams(stop=["ab", "abcd"]).max_stop_len == 4
     with pytest.raises((AttributeError, TypeError)):

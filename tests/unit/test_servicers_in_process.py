@@ -211,3 +211,56 @@ def test_top_logprobs_cross_the_wire_as_one_engine_computes_them(tiny_llama):
     ]
     for got, ref in zip(tops, want.top_logprobs, strict=True):
         assert [lp for _, lp in got] == pytest.approx([lp for _, lp in ref], abs=1e-5)
+
+
+def test_prompt_logprobs_come_with_the_first_token_from_whoever_prefills(tiny_llama):
+    """prompt_logprobs = 2: the prefill worker scores the whole prompt (even
+    cached on both sides by an earlier request) and the decode worker
+    forwards it in the first message; a decode worker that prefills locally
+    scores it itself; a migrated (resumed) request sends none. All equal
+    the offline engine's."""
+    prompt = PROMPTS[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_bytes=4 << 20)
+    want = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert want.prompt_logprobs is not None and want.prompt_top_logprobs is not None
+
+    async def stream(
+        pair: Pair, rid: str, resume: tuple[int, ...] = ()
+    ) -> list[pb.GenerateResponse]:
+        request = pb.GenerateRequest(
+            request_id=rid,
+            prompt_token_ids=prompt,
+            sampling_params=params_to_pb(params),
+            prefill_addresses=[pair.prefill_address],
+            resume_token_ids=resume,
+        )
+        async with grpc.aio.insecure_channel(pair.decode_address) as ch:
+            return [msg async for msg in pb_grpc.DecodeWorkerStub(ch).Generate(request, timeout=60)]
+
+    async def run() -> tuple[list[list[pb.GenerateResponse]], float, bool]:
+        async with serving(tiny_llama) as pair:
+            await generate(pair, "warm", prompt)  # the prompt is cached on P and D now
+            remote = await stream(pair, "remote")
+            pair.prefill.draining = True
+            local = await stream(pair, "local")
+            resumed = await stream(pair, "resumed", tuple(want.token_ids[:2]))
+            clean = await all_blocks_back(pair.p_engine, pair.d_engine)
+            return [remote, local, resumed], pair.d_metrics.local_prefills._value.get(), clean
+
+    (remote, local, resumed), local_prefills, clean = asyncio.run(run())
+    assert local_prefills == 1 and clean
+    assert remote[-1].timings.decode_cached_tokens > 0  # D reserved from its cache
+    assert remote[-1].timings.num_cached_tokens == 0  # P computed every position
+    for msgs in (remote, local):
+        assert [t for m in msgs for t in m.token_ids] == want.token_ids
+        assert msgs[0].HasField("prompt_logprobs")
+        assert not any(m.HasField("prompt_logprobs") for m in msgs[1:])
+        got = msgs[0].prompt_logprobs
+        assert list(got.logprobs) == pytest.approx(want.prompt_logprobs[1:], abs=1e-5)
+        tops = [list(zip(t.token_ids, t.logprobs, strict=True)) for t in got.top_logprobs]
+        for g, w in zip(tops, want.prompt_top_logprobs[1:], strict=True):
+            assert [t for t, _ in g] == [t for t, _ in w]
+            assert [lp for _, lp in g] == pytest.approx([lp for _, lp in w], abs=1e-5)
+    assert [t for m in resumed for t in m.token_ids] == want.token_ids[2:]
+    assert not any(m.HasField("prompt_logprobs") for m in resumed)

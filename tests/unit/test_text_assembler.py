@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from router.responses import ChatFormat, CompletionFormat
-from router.textstream import TextAssembler
+from router.textstream import TextAssembler, prompt_token_infos
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,35 @@ def test_top_alternatives_are_decoded_and_shaped_as_openai_answers(tok):
         {"token": texts[0], "logprob": -1.5, "bytes": list(texts[0].encode())},
     ]
     assert second["top_logprobs"] == []
+
+
+def test_an_echoed_prompts_entries_come_first_and_offsets_run_on(tok):
+    """echo with logprobs: one entry per prompt token (the first without a
+    logprob or alternatives), offsets from 0 over the prompt's text, then
+    the output's entries with offsets shifted by its length."""
+    prompt = "hello there"
+    ids = tok.encode(prompt)  # with the BOS token, as the router tokenizes
+    scored = [(-1.0 * i, [(ids[1], -0.5)]) for i in range(1, len(ids))]
+    entries = prompt_token_infos(tok, ids, scored, prompt)
+    assert [e.token_id for e in entries] == ids
+    assert [e.logprob for e in entries] == [None, *(-1.0 * i for i in range(1, len(ids)))]
+    assert entries[0].top == () and entries[1].top == ((entries[1].text, -0.5),)
+    offsets = [e.offset for e in entries]
+    assert offsets == sorted(offsets) and offsets[:2] == [0, 0]  # BOS has no text
+    asm = TextAssembler(tok, (), logprobs=True, offset_base=len(prompt))
+    out = ids_of(tok, " world")
+    for i in out:
+        asm.push(i, -0.1)
+    entries += asm.finish()[1]
+    logprobs = CompletionFormat("id", 0, "m", logprobs=True)._logprobs(entries)
+    assert logprobs is not None
+    assert logprobs["tokens"][0] == tok.decode([ids[0]]) and logprobs["token_logprobs"][0] is None
+    assert logprobs["top_logprobs"][0] is None
+    assert logprobs["top_logprobs"][1] == {entries[1].text: -1.0}
+    assert logprobs["text_offset"][len(ids)] == len(prompt)
+    whole = prompt + asm.text
+    for e in entries[1:]:  # each token's own text is where its offset says
+        assert whole[e.offset :].startswith(e.text)
 
 
 @settings(max_examples=60, deadline=None)
