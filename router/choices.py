@@ -3,9 +3,10 @@
 Each choice is a request of its own (`<id>-<i>`), as vLLM's front end fans
 `n` out, so every worker, transfer and migration path serves it unchanged.
 The prompt's KV is computed once: the first choice goes alone until its
-first token, by which time the worker that computed the prompt holds its
-full blocks in the prefix cache and the cache-aware router sends the other
-choices after them; they compute only the last, partial block. A seeded
+second token (or its end), by which time the worker that computed the
+prompt holds its full blocks in the prefix cache, and so does the decode
+worker it was sent to; the cache-aware router sends the other choices
+after them, and they compute (and receive) only the last, partial block. A seeded
 request gives choice i the seed `seed + i`, so each choice's stream is
 reproducible on its own. With echo and logprobs only the first choice asks
 for the prompt's logprobs; the others take its entries.
@@ -131,7 +132,7 @@ def best(finishes: list[Finish], tokens: dict[int, list[TokenInfo]], n: int) -> 
 async def _fan_out(
     choice: Callable[[int], AsyncGenerator[Event, None]], count: int
 ) -> AsyncGenerator[Event, None]:
-    """Choice 0 until its first event, then the rest beside it; events as
+    """Choice 0 until its second event (or its end), then the rest beside it; events as
     they come. Closing this generator cancels every choice."""
     queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
 
@@ -149,6 +150,7 @@ async def _fan_out(
 
     tasks = [asyncio.create_task(pump(0))]
     running = 1
+    first_events = 0  # of choice 0, until the others start
     try:
         while running:
             i, item = await queue.get()
@@ -158,9 +160,14 @@ async def _fan_out(
                 running -= 1
                 continue
             if i == 0 and len(tasks) == 1:
-                # The prompt is computed (and cached): the others follow it.
-                tasks += [asyncio.create_task(pump(j)) for j in range(1, count)]
-                running += count - 1
+                first_events += 1
+                # After its first token the prompt is computed and cached where
+                # it was prefilled; after its second, the decode worker has
+                # the KV too (the first token overtakes the transfer): the
+                # others follow it.
+                if first_events == 2 or isinstance(item, Finish):
+                    tasks += [asyncio.create_task(pump(j)) for j in range(1, count)]
+                    running += count - 1
             yield item
     finally:
         for t in tasks:

@@ -14,6 +14,12 @@ import pytest
 from tests.cluster import ServeCluster, assert_all_blocks_free
 
 PROMPT = list(range(16, 916))  # 900 tokens: 57 blocks of 16
+
+
+def prompt(i: int) -> list[int]:
+    """Request i's prompt: its first token differs, so no block is shared with
+    another request's through the prefix cache (each needs its own 57)."""
+    return [1000 + i, *PROMPT[1:]]
 MAX_TOKENS = 120  # 1020 tokens in all (64 blocks); the tiny model's context is 1024
 
 
@@ -47,7 +53,8 @@ def test_a_full_decode_worker_means_503_then_success(small_cache):
     finished: list[str] = []
 
     def long_stream(i: int) -> None:
-        with httpx.stream("POST", f"{c.url}/v1/completions", json=body, timeout=60) as r:
+        mine = {**body, "prompt": prompt(i)}
+        with httpx.stream("POST", f"{c.url}/v1/completions", json=mine, timeout=60) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 started[i].set()
@@ -60,14 +67,15 @@ def test_a_full_decode_worker_means_503_then_success(small_cache):
     for e in started:
         assert e.wait(30)
     # Both hold their blocks until they finish: a third prompt does not fit.
-    r = httpx.post(f"{c.url}/v1/completions", json={**body, "stream": False}, timeout=60)
+    third = {**body, "prompt": prompt(2), "stream": False}
+    r = httpx.post(f"{c.url}/v1/completions", json=third, timeout=60)
     assert r.status_code == 503, r.text
     assert r.headers.get("retry-after")
     assert r.json()["error"]["message"]
     for t in threads:
         t.join(60)
     assert finished == ["done", "done"]
-    r = httpx.post(f"{c.url}/v1/completions", json={**body, "stream": False}, timeout=60)
+    r = httpx.post(f"{c.url}/v1/completions", json=third, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == MAX_TOKENS
     assert_all_blocks_free(c.wait_idle())
     assert all(w["healthy"] for w in c.cluster()["workers"])

@@ -41,6 +41,27 @@ def test_n_choices_are_the_seeded_requests_seed_plus_i(disagg, colocated):
         assert r.usage.prompt_tokens == completion(cluster, max_tokens=1).usage.prompt_tokens
 
 
+def test_n_choices_compute_the_prompt_once(disagg, colocated):
+    """The first choice computes the prompt; the others find its full blocks
+    in the prefix cache (on the prefill worker, and on the decode worker, which
+    then receives only the last block): each choice's final chunk says so."""
+    prompt = " ".join(["a dog ran around the park, then it sat down"] * 8)  # this test's own
+    for cluster in (disagg, colocated):
+        stream = completion(cluster, prompt=prompt, n=3, seed=1, stream=True, **SAMPLED)
+        timings = {}
+        for chunk in stream:
+            extra = chunk.model_extra or {}
+            if "splitserve_timings" in extra:
+                timings[chunk.choices[0].index] = extra["splitserve_timings"]
+        assert sorted(timings) == [0, 1, 2]
+        assert timings[0]["cached_tokens"] == 0
+        for i in (1, 2):
+            assert timings[i]["cached_tokens"] >= 64, timings[i]
+            if cluster is disagg:
+                assert timings[i]["decode_cached_tokens"] >= 64, timings[i]
+                assert timings[i]["kv_transfer_bytes"] < timings[0]["kv_transfer_bytes"]
+
+
 def test_n_choices_stream_interleaved_and_add_up_to_the_whole(disagg, colocated):
     for cluster in (disagg, colocated):
         whole = client(cluster).chat.completions.create(

@@ -17,7 +17,7 @@ def test_bench_runs_both_arms_and_every_schema_output_validates(tiny_llama, tmp_
     out = tmp_path / "so.json"
     threads = torch.get_num_threads()
     # One torch thread: steady on a shared machine (two can wait on each other's core).
-    argv = ["--model", str(tiny_llama), "--batches", "1", "2", "--rounds", "2", "--threads", "1"]
+    argv = ["--model", str(tiny_llama), "--batches", "2", "--rounds", "2", "--threads", "1"]
     assert bench.main([*argv, "--max-tokens", "160", "--json", str(out)]) == 0
     # The bench's timing wrappers are gone, and the thread count is restored.
     assert so.apply_token_masks is apply_masks and so.GrammarMatcher.accept is accept
@@ -25,7 +25,7 @@ def test_bench_runs_both_arms_and_every_schema_output_validates(tiny_llama, tmp_
 
     result = json.loads(out.read_text())
     assert result["cpu"]["model_name"] and result["dtype"] == "float32"
-    assert [b["batch"] for b in result["batches"]] == [1, 2]
+    assert [b["batch"] for b in result["batches"]] == [2]
     assert result["invalid"] == 0
     for b in result["batches"]:
         assert b["requests"] == 4 and b["invalid"] == 0, b["invalid_examples"]
@@ -43,7 +43,7 @@ def test_bench_runs_both_arms_and_every_schema_output_validates(tiny_llama, tmp_
         assert 0 < schema["grammar_share"] < 1
         assert b["ratios"]["output_tok_s"] > 0 and b["ratios"]["step_ms"] > 0
     rows = result["table"].splitlines()
-    assert len(rows) == 4 and rows[2].startswith("| 1 | 4 |") and rows[3].endswith("| 0/8 |")
+    assert len(rows) == 3 and rows[2].startswith("| 2 | 4 |") and rows[2].endswith("| 0/8 |")
 
 
 def test_invalid_outputs_names_each_failure():
