@@ -20,6 +20,8 @@ def prompt(i: int) -> list[int]:
     """Request i's prompt: its first token differs, so no block is shared with
     another request's through the prefix cache (each needs its own 57)."""
     return [1000 + i, *PROMPT[1:]]
+
+
 MAX_TOKENS = 120  # 1020 tokens in all (64 blocks); the tiny model's context is 1024
 
 
