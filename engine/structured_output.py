@@ -83,7 +83,8 @@ def _to_grammar(spec: GuidedSpec) -> xgr.Grammar:
             choices = json.loads(spec.spec or "null")
             if not (isinstance(choices, list) and choices and {type(c) for c in choices} == {str}):
                 raise ValueError("guided_choice must be a non-empty list of strings")
-            # json.dumps' escapes (\", \\, \n, \uXXXX) are also GBNF string-literal escapes.
+            # Every escape json.dumps writes (quote, backslash, newline, \u plus four hex
+            # digits) is a GBNF string-literal escape too.
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in choices))
         return xgr.Grammar.from_ebnf(spec.spec)
     except RuntimeError as e:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from engine.sampling_params import GuidedSpec
 
 PARSERS = ("hermes", "llama3_json")
+HERMES_CALL_OPEN = "<tool_call>"  # what starts a call in the hermes format
 DEFAULT_PARSER = "hermes"
 
 Mode = Literal["auto", "required", "named"]
@@ -56,13 +57,6 @@ class ToolUse:
     parser: str = DEFAULT_PARSER
     function: str = ""  # the named function (mode "named")
     parallel: bool = True  # False: at most one call (parallel_tool_calls)
-
-    def stream_marker(self) -> str | None:
-        """Text that starts a call in a streamed "auto" answer (content is
-        held back from it on); None when the whole answer is held."""
-        if self.mode != "auto":
-            return None
-        return "<tool_call>" if self.parser == "hermes" else ""
 
     def read(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of a whole answer."""
@@ -131,7 +125,7 @@ _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL
 
 
 def _hermes(text: str) -> tuple[str | None, list[ToolCall]]:
-    start = text.find("<tool_call>")
+    start = text.find(HERMES_CALL_OPEN)
     if start == -1:
         return text, []
     calls = []
@@ -209,7 +203,7 @@ class StreamedAnswer:
                 return ""
             out, self._held = self._held, ""
             return out
-        marker = "<tool_call>"
+        marker = HERMES_CALL_OPEN
         at = self._held.find(marker)
         if at != -1:
             self._in_call = True
