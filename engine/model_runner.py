@@ -98,12 +98,16 @@ class ModelRunner:
 
     def _pack_linears(self, backend: str) -> str:
         """Pack the linear layers' weights for oneDNN where that is the faster
-        GEMM (CPU, float32); the backend the layers run on."""
+        GEMM (CPU: float32, or bfloat16 on a CPU with bfloat16 instructions);
+        the backend the layers run on."""
         from engine.model import packed_linear
 
         usable = packed_linear.onednn_available(self.dtype, self.device)
         if backend == "onednn" and not usable:
-            raise ValueError("linear_backend='onednn' needs a CPU device, float32 and oneDNN")
+            raise ValueError(
+                "linear_backend='onednn' needs a CPU device with oneDNN, and float32 or "
+                "bfloat16 on a CPU with bfloat16 instructions (AMX/AVX512-BF16)"
+            )
         if backend == "torch" or not usable:
             return "torch"
         packed_linear.pack_linears(self.model)
