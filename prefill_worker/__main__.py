@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+# The OpenMP spin count must be in the environment before torch loads libgomp,
+# so it is set before any other import (worker/omp_wait.py says why).
+# ruff: noqa: E402
+from worker.omp_wait import spin_between_regions
+
+spin_between_regions()
+
+
 import argparse
 import sys
 from collections.abc import Sequence
