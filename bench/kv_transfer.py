@@ -202,8 +202,8 @@ def start_worker(module: str, model: str, workdir: Path, name: str, extra: list[
     cmd = [sys.executable, "-m", module, "--model", model, "--ready-file", str(ready)]
     cmd += ["--kv-cache-mib", "128", "--metrics-port", "-1", *extra]
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # as `splitserve serve` runs them
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # Each role sets its own OpenMP wait policy, as under `splitserve serve`.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):
         if ready.exists():
             return proc, json.loads(ready.read_text())["address"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-# The OpenMP spin count must be in the environment before torch loads libgomp,
+# The OpenMP wait policy must be in the environment before torch loads libgomp,
 # so it is set before any other import (worker/omp_wait.py says why).
 # ruff: noqa: E402
-from worker.omp_wait import spin_between_regions
+from worker.omp_wait import set_omp_wait
 
-spin_between_regions()
+set_omp_wait("decode")
 
 
 import argparse

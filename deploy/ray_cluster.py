@@ -174,12 +174,8 @@ def up(
             raise KeyboardInterrupt
 
     from kvtransfer.security import SECRET_ENV, launch_secret
-    from worker.omp_wait import worker_omp_env
 
-    # Replicas load torch before any code of ours runs: the OpenMP spin count
-    # (worker/omp_wait.py) reaches them through the job's environment.
-    env_vars = {SECRET_ENV: launch_secret(), **worker_omp_env(os.environ)}
-    started_here = start_ray(address, num_cpus, env_vars=env_vars)
+    started_here = start_ray(address, num_cpus, env_vars={SECRET_ENV: launch_secret()})
     # After ray.init, which installs its own SIGTERM handler (one that exits
     # at once, before the replicas could drain).
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -50,9 +50,7 @@ def spawn(cmd: Sequence[str], secret: str, log_file: Path, name: str) -> subproc
     """Start `cmd` with its output appended to `log_file`."""
     env = dict(os.environ)
     env[SECRET_ENV] = secret  # not on the command line, which `ps` shows
-    # Idle OpenMP threads spin by default, stealing the cores a busy
-    # neighbour worker needs; make them sleep.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Each role sets its own OpenMP wait policy (worker/omp_wait.py).
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(
             list(cmd),

@@ -1,47 +1,53 @@
-"""How long a worker's OpenMP threads spin between parallel regions before
-they sleep. Imported and applied first thing in a worker process
-(`python -m decode_worker`, `python -m prefill_worker`, Ray replicas get the
-same variable from their runtime_env): libgomp reads its environment once,
-when torch loads it.
+"""What a worker's idle OpenMP threads do between operators: spin or sleep.
+Applied first thing in a worker process (`python -m decode_worker`,
+`python -m prefill_worker`), since libgomp reads its environment once, when
+torch loads it.
 
-Why: torch splits each operator across its OpenMP threads, and a thread that
-went to sleep must be woken, and scheduled, at the next operator. Offline,
-operators follow each other within microseconds and libgomp's default spin
-covers the gaps. In a worker the engine thread also waits for the GIL behind
-the event loop, and the router and clients run on the same cores: the
-helper thread slept between operators and every wake-up waited for a core.
-Spinning up to 1,000,000 rounds (~20 ms on a Sapphire Rapids) made a
-colocated worker's decode step 20-30% shorter under 16 streams (21-24 ms
-against 17 ms, side by side; docs/performance.md); an idle worker stops
-spinning that long after its last step. An operator's own GOMP_SPINCOUNT or
-OMP_WAIT_POLICY wins.
+torch splits each operator across its OpenMP threads; a helper thread that
+went to sleep must be woken, and given a core, at the next operator.
+
+- **Decode (and colocated) workers spin** up to 1,000,000 rounds (~20 ms on
+  a Sapphire Rapids). They step without pause while they hold requests, and
+  between operators the engine thread also waits for the GIL behind the
+  event loop, while the router and clients take turns on the same cores.
+  Sleeping helpers (`OMP_WAIT_POLICY=PASSIVE`, what every worker had before)
+  made a colocated worker's decode step 21-24 ms under 16 streams, against
+  16-17 ms spinning (side by side on 2 cores; docs/performance.md). An idle
+  worker stops spinning ~20 ms after its last step.
+- **Prefill workers sleep** (PASSIVE): their work comes in bursts, and on a
+  machine they share with a decode worker, a helper spinning after each
+  burst would take the core the decode worker's step needs.
+
+An operator's own `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` wins.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 
 SPIN_ENV = "GOMP_SPINCOUNT"
-WORKER_SPIN_COUNT = "1000000"
-_USER_CHOICES = (SPIN_ENV, "OMP_WAIT_POLICY")
+POLICY_ENV = "OMP_WAIT_POLICY"
+DECODE_SPIN_COUNT = "1000000"
 
 
-def worker_omp_env(environ: MutableMapping[str, str]) -> dict[str, str]:
-    """The variables a worker process should start with, on top of
-    `environ` (empty where the operator chose a wait policy)."""
-    if any(name in environ for name in _USER_CHOICES):
+def worker_omp_env(role: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a `role` ("prefill", "decode" or "colocated") worker
+    process adds to `environ` (none where the operator chose already)."""
+    if SPIN_ENV in environ or POLICY_ENV in environ:
         return {}
-    return {SPIN_ENV: WORKER_SPIN_COUNT}
+    if role == "prefill":
+        return {POLICY_ENV: "PASSIVE"}
+    return {SPIN_ENV: DECODE_SPIN_COUNT}
 
 
-def spin_between_regions() -> bool:
-    """Set the worker's spin count in this process's environment, unless the
-    operator set one; False if torch is already loaded (too late: libgomp has
-    read its environment) or nothing was set."""
+def set_omp_wait(role: str) -> bool:
+    """Put the role's wait policy in this process's environment; False if
+    nothing was set (the operator chose) or torch is already loaded (too
+    late: libgomp has read its environment)."""
     if "torch" in sys.modules:
         return False
-    extra = worker_omp_env(os.environ)
+    extra = worker_omp_env(role, os.environ)
     os.environ.update(extra)
     return bool(extra)

@@ -1,4 +1,4 @@
-"""The worker processes' OpenMP spin count (worker/omp_wait.py)."""
+"""The worker processes' OpenMP wait policy (worker/omp_wait.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,22 @@ import sys
 
 import pytest
 
-from worker.omp_wait import SPIN_ENV, WORKER_SPIN_COUNT, worker_omp_env
+from worker.omp_wait import DECODE_SPIN_COUNT, worker_omp_env
 
 
-def test_a_worker_spins_unless_the_operator_chose_a_wait_policy():
-    assert worker_omp_env({}) == {SPIN_ENV: WORKER_SPIN_COUNT}
-    assert worker_omp_env({"GOMP_SPINCOUNT": "10"}) == {}
-    assert worker_omp_env({"OMP_WAIT_POLICY": "PASSIVE"}) == {}
+def test_decode_workers_spin_prefill_workers_sleep_unless_the_operator_chose():
+    assert worker_omp_env("decode", {}) == {"GOMP_SPINCOUNT": DECODE_SPIN_COUNT}
+    assert worker_omp_env("colocated", {}) == {"GOMP_SPINCOUNT": DECODE_SPIN_COUNT}
+    assert worker_omp_env("prefill", {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for role in ("decode", "prefill"):
+        assert worker_omp_env(role, {"GOMP_SPINCOUNT": "10"}) == {}
+        assert worker_omp_env(role, {"OMP_WAIT_POLICY": "ACTIVE"}) == {}
 
 
-PROBE = "import os, sys, {module}; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+PROBE = (
+    "import os, sys, {module}; e = os.environ; "
+    "print(e.get('GOMP_SPINCOUNT'), e.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+)
 
 
 def _probe(module: str, **env: str) -> list[str]:
@@ -32,11 +38,15 @@ def _probe(module: str, **env: str) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.parametrize("module", ["decode_worker.__main__", "prefill_worker.__main__"])
-def test_the_worker_entry_points_set_it_before_torch_loads(module):
-    # torch is loaded by the end of the import, so the variable was there
-    # before libgomp read its environment (spin_between_regions sets nothing
-    # once torch is loaded).
-    assert _probe(module) == [WORKER_SPIN_COUNT, "True"]
-    assert _probe(module, GOMP_SPINCOUNT="5") == ["5", "True"]
-    assert _probe(module, OMP_WAIT_POLICY="PASSIVE") == ["None", "True"]
+@pytest.mark.parametrize(
+    ("module", "spin", "policy"),
+    [
+        ("decode_worker.__main__", DECODE_SPIN_COUNT, "None"),
+        ("prefill_worker.__main__", "None", "PASSIVE"),
+    ],
+)
+def test_the_worker_entry_points_set_it_before_torch_loads(module, spin, policy):
+    # torch is loaded by the end of the import, and set_omp_wait sets nothing
+    # once it is: so the variable was there before libgomp read its environment.
+    assert _probe(module) == [spin, policy, "True"]
+    assert _probe(module, OMP_WAIT_POLICY="ACTIVE") == ["None", "ACTIVE", "True"]
