@@ -10,6 +10,7 @@ import torch
 
 from bench import structured_output as bench
 from engine import structured_output as so
+from engine.dtype_choice import choose_dtype
 
 
 def test_bench_runs_both_arms_and_every_schema_output_validates(tiny_llama, tmp_path):
@@ -24,7 +25,9 @@ def test_bench_runs_both_arms_and_every_schema_output_validates(tiny_llama, tmp_
     assert torch.get_num_threads() == threads
 
     result = json.loads(out.read_text())
-    assert result["cpu"]["model_name"] and result["dtype"] == "float32"
+    # The dtype `auto` picks on this CPU (bfloat16 only with bfloat16 instructions).
+    auto = choose_dtype("auto", torch.device("cpu"), None).name
+    assert result["cpu"]["model_name"] and result["dtype"] == auto
     assert [b["batch"] for b in result["batches"]] == [2]
     assert result["invalid"] == 0
     for b in result["batches"]:
