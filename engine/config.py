@@ -172,7 +172,7 @@ class EngineConfig:
     # on CPU, falling back to "torch" (the PyTorch path) where unavailable.
     attention_backend: str = "auto"
     # Linear layers: "auto" packs them for oneDNN on CPU in float32, and in
-    # bfloat16 where the CPU has bfloat16 instructions (2-3x faster GEMMs than
+    # bfloat16 where the CPU has bfloat16 instructions (1.7-2x faster GEMMs than
     # nn.Linear on the CPUs measured; engine/model/packed_linear.py), "torch"
     # keeps nn.Linear, "onednn" insists on packing.
     linear_backend: str = "auto"

@@ -11,8 +11,8 @@ went to sleep must be woken, and given a core, at the next operator.
   between operators the engine thread also waits for the GIL behind the
   event loop, while the router and clients take turns on the same cores.
   Sleeping helpers (`OMP_WAIT_POLICY=PASSIVE`, what every worker had before)
-  made a colocated worker's decode step 21-24 ms under 16 streams, against
-  16-17 ms spinning (side by side on 2 cores; docs/performance.md). An idle
+  made a colocated worker's mean step 21.5 ms under 16 streams, against
+  18.3 ms spinning (2 cores, runs interleaved; docs/performance.md). An idle
   worker stops spinning ~20 ms after its last step.
 - **Prefill workers sleep** (PASSIVE): their work comes in bursts, and on a
   machine they share with a decode worker, a helper spinning after each
