@@ -351,3 +351,17 @@ def test_sampling_params_normalise_and_accept_good_values():
     with pytest.raises((AttributeError, TypeError)):
         p.temperature = 1.0  # type: ignore[misc]
     assert math.isclose(SamplingParams(top_p=1e-9).top_p, 1e-9)
+
+
+def test_unseeded_draws_never_take_a_token_of_probability_zero():
+    """The inverse-CDF draw: zeros at either end or inside, in bfloat16 too."""
+    from engine.sampler import _draw_by_inverse_cdf
+
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25, 0.0]).repeat(4000, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            drawn = _draw_by_inverse_cdf(probs.to(dtype))
+            freq = torch.bincount(drawn, minlength=6).float() / len(drawn)
+            assert freq[0] == freq[2] == freq[5] == 0
+            assert (freq - probs[0]).abs().max() < 0.03, freq
